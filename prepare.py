@@ -1,0 +1,631 @@
+"""
+Data, tokenizer, dataloader and the fixed metric for autoresearch-mlx.
+Run once before training; train.py imports its runtime half. Never edited by the agent.
+
+Usage:
+    uv run prepare.py                     # download climbmix shards + train the tokenizer
+    uv run prepare.py --num-shards 8      # fewer training shards (the validation shard is pinned)
+    uv run prepare.py --source sample     # the bundled public-domain corpus, no internet needed
+    uv run prepare.py --source PATH       # your own .txt / .jsonl / .parquet file, or a folder of them
+    uv run prepare.py --cache-dir DIR     # where data and tokenizer live (or AUTORESEARCH_CACHE)
+
+Everything lives in the cache directory (default ~/.cache/autoresearch):
+    data/shard_NNNNN.parquet   training shards ("text" column); data/shard_06542.parquet is validation
+    data/source.json           which corpus the shards came from
+    tokenizer/                 tokenizer.tiktoken (BPE ranks), tokenizer.json (meta), token_bytes.npy
+"""
+
+import argparse
+import base64
+import ctypes
+import ctypes.util
+import glob
+import gzip
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from bisect import bisect_right
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# ---------------------------------------------------------------------------
+# Constants (fixed: the metric depends on them)
+# ---------------------------------------------------------------------------
+
+MAX_SEQ_LEN = 2048          # context length of training rows and of evaluation
+TIME_BUDGET = 300           # training seconds per experiment
+EVAL_TOKENS = 3 * 524288    # validation tokens for val_bpb (the hardware profile may lower it on CPU)
+VOCAB_SIZE = 8192           # BPE vocabulary, special tokens included
+
+BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+MAX_SHARD = 6542                      # the last climbmix shard is shard_06542.parquet
+VAL_SHARD = MAX_SHARD                 # pinned validation shard
+VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
+SAMPLE_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample.jsonl.gz")
+
+# GPT-4 style split, with numbers split into 1-2 digit groups (a small vocab wastes fewer slots on numbers)
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+BOS_TOKEN = "<|bos|>"
+SPECIAL_TOKENS = [BOS_TOKEN]
+
+TOKENIZER_MAX_CHARS = 2_000_000_000   # text used to train the tokenizer
+TOKENIZER_DOC_CAP = 10_000            # chars taken from any one document for tokenizer training
+LOCAL_VAL_EVERY = 10                  # local corpora: every 10th document is held out for validation...
+LOCAL_VAL_MAX_CHARS = 20_000_000      # ...until the validation shard holds this much text
+LOCAL_SHARD_CHARS = 250_000_000       # local corpora: text per training shard
+EVAL_CHUNK_TOKENS = 32 * MAX_SEQ_LEN  # tokens per model call in evaluate_bpb: bounds the logits' memory
+
+# Tests and smoke runs only: shorten the experiment without editing this file (the run prints what it used).
+TIME_BUDGET = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", TIME_BUDGET))
+SEED = int(os.environ.get("AUTORESEARCH_SEED", 42))  # the harness varies it to measure noise
+if TIME_BUDGET <= 0:
+    sys.exit(f"AUTORESEARCH_TIME_BUDGET must be a positive number of seconds, got {TIME_BUDGET}")
+
+
+class PrepareError(Exception):
+    """A problem the user can fix (bad input, missing data); printed without a traceback."""
+
+
+def cache_dir():
+    return os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE") or DEFAULT_CACHE_DIR)
+
+
+def data_dir():
+    return os.path.join(cache_dir(), "data")
+
+
+def tokenizer_dir():
+    return os.path.join(cache_dir(), "tokenizer")
+
+
+def write_atomic(path, write_fn):
+    """Write through a temp file and rename, so a crash never leaves a partial file under `path`."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+# ---------------------------------------------------------------------------
+# Hardware profile: every hardware-specific choice lives here
+# ---------------------------------------------------------------------------
+
+def load_fast_cpu_blas():
+    """MLX's Linux CPU wheel links netlib's reference BLAS (~5 GFLOP/s). A fast BLAS loaded into the
+    global symbol scope before mlx is imported takes over its sgemm calls. Returns the library used."""
+    if os.environ.get("AUTORESEARCH_FAST_BLAS", "1") == "0" or platform.system() != "Linux" or "mlx.core" in sys.modules:
+        return None
+    try:
+        importlib.metadata.version("mlx-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None  # CUDA or Metal build: the matmuls do not go through the CPU BLAS
+    for name in ("openblas", "openblasp", "blis"):
+        path = ctypes.util.find_library(name)
+        if path:
+            try:
+                ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+                return path
+            except OSError:
+                continue
+    return None
+
+
+FAST_BLAS = load_fast_cpu_blas()
+import mlx.core as mx  # noqa: E402  (after the BLAS choice above)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    backend: str             # "cuda", "metal" or "cpu"
+    device_name: str
+    memory_gb: float         # device memory (unified memory on Macs, system RAM on CPU)
+    peak_flops: float        # dense peak of the compute dtype, for MFU
+    compute_dtype: str       # "bfloat16" where matmuls are fast in it, else "float32"
+    depth: int               # default model depth for a 5-minute run
+    device_batch_size: int   # rows of MAX_SEQ_LEN per forward/backward
+    total_batch_size: int    # tokens per optimizer step (gradient accumulation makes up the rest)
+    eval_tokens: int
+    eval_batch_size: int
+
+
+def _system_memory_gb():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError, AttributeError):
+        return 16.0
+
+
+def detect_hardware():
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    name = str(info.get("device_name", platform.processor() or "unknown"))
+    mem_gb = float(info.get("memory_size", 0)) / 1024**3 or _system_memory_gb()
+    if mx.cuda.is_available():
+        # H100 SXM: ~989 TFLOP/s dense bf16. Smaller cards get a smaller batch but the same model.
+        peak = 989e12 if "H100" in name or "H200" in name else 300e12
+        batch = 32 if mem_gb >= 60 else 16 if mem_gb >= 30 else 8
+        return Hardware("cuda", name, mem_gb, peak, "bfloat16", 8, batch, 2**19, EVAL_TOKENS, batch)
+    if mx.metal.is_available():
+        # Apple silicon: roughly 30 TFLOP/s bf16 on a Max-class GPU; depth 4 fits a 5-minute budget.
+        batch = 16 if mem_gb >= 32 else 8
+        return Hardware("metal", name, mem_gb, 30e12, "bfloat16", 4, batch, 2**16, EVAL_TOKENS, batch)
+    # CPU: a tiny model in fp32 (bf16 matmuls have no fast CPU kernels). Peak: 32 fp32 FLOP/cycle/core at ~3 GHz.
+    cores = os.cpu_count() or 1
+    return Hardware("cpu", name, mem_gb, cores * 32 * 3e9, "float32", 2, 4, 2**13, 2**17, 8)
+
+
+HARDWARE = detect_hardware()
+EVAL_TOKENS = int(os.environ.get("AUTORESEARCH_EVAL_TOKENS", HARDWARE.eval_tokens))
+
+
+def describe_hardware():
+    hw = HARDWARE
+    blas = f", BLAS {os.path.basename(FAST_BLAS)}" if FAST_BLAS else ""
+    return (f"{hw.backend} ({hw.device_name}, {hw.memory_gb:.0f} GB{blas}) | defaults: depth {hw.depth}, "
+            f"device batch {hw.device_batch_size}, total batch {hw.total_batch_size} tokens, "
+            f"{hw.compute_dtype}, eval {EVAL_TOKENS} tokens")
+
+# ---------------------------------------------------------------------------
+# Data: download climbmix shards
+# ---------------------------------------------------------------------------
+
+def shard_path(index):
+    return os.path.join(data_dir(), f"shard_{index:05d}.parquet")
+
+
+def check_parquet(path):
+    """Raise if `path` is not a readable parquet file with a text column (truncated downloads fail here)."""
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:
+        raise PrepareError(f"{path} is not a valid parquet file ({e}). Delete it and rerun prepare.py.") from e
+    if "text" not in schema.names:
+        raise PrepareError(f"{path} has no 'text' column (columns: {schema.names})")
+
+
+def download_shard(index, base_url, retries=5, backoff=2.0, timeout=60):
+    """Download one shard unless it is already complete. Returns None on success, else the last error."""
+    import requests
+
+    path = shard_path(index)
+    if os.path.exists(path):
+        return None  # only complete, checked files are ever renamed to their final name
+    url = f"{base_url.rstrip('/')}/{os.path.basename(path)}"
+    error = None
+    for attempt in range(1, retries + 1):
+        try:
+            def fetch(tmp):
+                with requests.get(url, stream=True, timeout=timeout) as response:
+                    response.raise_for_status()
+                    expected = response.headers.get("Content-Length")
+                    received = 0
+                    with open(tmp, "wb") as f:
+                        for chunk in response.iter_content(chunk_size=1 << 20):
+                            f.write(chunk)
+                            received += len(chunk)
+                        f.flush()
+                        os.fsync(f.fileno())
+                if expected is not None and received != int(expected):
+                    raise IOError(f"transfer broke off: got {received} of {expected} bytes")
+                check_parquet(tmp)
+            write_atomic(path, fetch)
+            return None
+        except (requests.RequestException, IOError, PrepareError) as e:
+            error = f"{type(e).__name__}: {e}"
+            if attempt < retries:
+                time.sleep(backoff * 2 ** (attempt - 1))
+    return error
+
+
+def download_data(num_shards, workers=8, base_url=None, retries=5, backoff=2.0):
+    """Fetch training shards 0..num_shards-1 plus the pinned validation shard, in parallel."""
+    from tqdm import tqdm
+
+    base_url = base_url or os.environ.get("AUTORESEARCH_DATA_URL") or BASE_URL
+    os.makedirs(data_dir(), exist_ok=True)
+    claim_data_source({"source": "climbmix", "url": base_url})
+    ids = list(range(min(num_shards, MAX_SHARD))) + [VAL_SHARD]
+    todo = [i for i in ids if not os.path.exists(shard_path(i))]
+    print(f"Data: {len(ids) - len(todo)}/{len(ids)} shards already in {data_dir()}, downloading {len(todo)} from {base_url}")
+    failed = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo) or 1))) as pool:
+        futures = {pool.submit(download_shard, i, base_url, retries, backoff): i for i in todo}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="Downloading", unit="shard", disable=not todo):
+            error = future.result()
+            if error:
+                failed[futures[future]] = error
+    if failed:
+        detail = "\n".join(f"  shard {i}: {err}" for i, err in sorted(failed.items()))
+        raise PrepareError(
+            f"{len(failed)} shard(s) failed to download after retries:\n{detail}\n"
+            "Without internet, use the bundled corpus: uv run prepare.py --source sample "
+            "(or your own text: --source PATH).")
+
+# ---------------------------------------------------------------------------
+# Data: a local corpus written in the same shard layout
+# ---------------------------------------------------------------------------
+
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
+
+
+def _open_text(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8", errors="strict")
+
+
+def read_documents(path):
+    """Yield the documents of a .txt (blank-line separated), .jsonl ("text" field) or .parquet
+    ("text" column) file, or of every such file under a folder, in sorted order."""
+    if os.path.isdir(path):
+        files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if p.endswith(CORPUS_SUFFIXES) and os.path.isfile(p))
+        if not files:
+            raise PrepareError(f"no {', '.join(CORPUS_SUFFIXES)} files under {path}")
+        for f in files:
+            yield from read_documents(f)
+        return
+    if not os.path.exists(path):
+        raise PrepareError(f"corpus not found: {path}")
+    try:
+        if path.endswith(".parquet"):
+            check_parquet(path)
+            for batch in pq.ParquetFile(path).iter_batches(columns=["text"]):
+                yield from (t for t in batch.column(0).to_pylist() if t)
+        elif path.endswith((".jsonl", ".jsonl.gz")):
+            with _open_text(path) as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise PrepareError(f"{path}:{lineno}: expected a JSON object with a \"text\" field ({e})") from e
+                    if not isinstance(text, str):
+                        raise PrepareError(f"{path}:{lineno}: \"text\" must be a string")
+                    if text.strip():
+                        yield text
+        elif path.endswith((".txt", ".txt.gz")):
+            with _open_text(path) as f:
+                yield from (d.strip() for d in re.split(r"\n\s*\n", f.read()) if d.strip())
+        else:
+            raise PrepareError(f"unsupported corpus file {path}: use one of {', '.join(CORPUS_SUFFIXES)}")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path} is not UTF-8 text ({e}). Convert it, e.g. iconv -t UTF-8.") from e
+    except (OSError, EOFError) as e:
+        raise PrepareError(f"cannot read {path}: {e}") from e
+
+
+def _write_shard(path, docs):
+    write_atomic(path, lambda tmp: pq.write_table(pa.table({"text": docs}), tmp, row_group_size=1024))
+
+
+def import_local_corpus(source):
+    """Split a local corpus into training shards and a held-out validation shard (every
+    LOCAL_VAL_EVERY-th document, up to LOCAL_VAL_MAX_CHARS): deterministic for a given corpus."""
+    path = SAMPLE_CORPUS if source == "sample" else os.path.abspath(os.path.expanduser(source))
+    digest = hashlib.sha256()
+    train, val, val_chars, shard_chars, shard_index, n_docs = [], [], 0, 0, 0, 0
+    staged = []  # shards are written under temporary names, renamed only when the corpus read cleanly
+    os.makedirs(data_dir(), exist_ok=True)
+    try:
+        for i, doc in enumerate(read_documents(path)):
+            n_docs += 1
+            digest.update(hashlib.sha256(doc.encode("utf-8")).digest())
+            if i % LOCAL_VAL_EVERY == 0 and val_chars < LOCAL_VAL_MAX_CHARS:
+                val.append(doc)
+                val_chars += len(doc)
+                continue
+            train.append(doc)
+            shard_chars += len(doc)
+            if shard_chars >= LOCAL_SHARD_CHARS:
+                staged.append((shard_index, train))
+                _write_shard(shard_path(shard_index) + ".staged", train)
+                train, shard_chars, shard_index = [], 0, shard_index + 1
+        if train:
+            staged.append((shard_index, train))
+            _write_shard(shard_path(shard_index) + ".staged", train)
+        if not staged or not val:
+            raise PrepareError(f"corpus {path} is too small: {n_docs} non-empty document(s); need at least 2 "
+                               "(one for training, one for validation), and in practice a few MB of text")
+        claim_data_source({"source": "local", "path": path, "sha256": digest.hexdigest()})
+        _write_shard(shard_path(VAL_SHARD), val)
+        for index, _ in staged:
+            os.replace(shard_path(index) + ".staged", shard_path(index))
+    finally:
+        for leftover in glob.glob(os.path.join(data_dir(), "*.staged")):
+            os.remove(leftover)
+    n_train = sum(len(d) for _, d in staged)
+    print(f"Data: {n_docs} documents from {path}: {n_train} for training in {len(staged)} shard(s), "
+          f"{len(val)} held out for validation ({val_chars:,} chars)")
+
+
+def claim_data_source(source):
+    """Record which corpus the cache holds; refuse to mix two corpora in one cache."""
+    manifest = os.path.join(data_dir(), "source.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            current = json.load(f)
+        if current != source:
+            raise PrepareError(
+                f"the cache {cache_dir()} already holds another corpus ({current}).\n"
+                "Use another --cache-dir (or AUTORESEARCH_CACHE), or rerun with --force to replace it.")
+        return
+    write_atomic(manifest, lambda tmp: open(tmp, "w").write(json.dumps(source)))
+
+
+def clear_cache():
+    for path in glob.glob(os.path.join(data_dir(), "*")) + glob.glob(os.path.join(tokenizer_dir(), "*")):
+        os.remove(path)
+
+
+def list_shards(split):
+    """Sorted shard paths of a split; a clear error if prepare.py has not run."""
+    paths = sorted(glob.glob(os.path.join(data_dir(), "shard_*.parquet")))
+    val_path = os.path.join(data_dir(), VAL_FILENAME)
+    paths = [val_path] if split == "val" else [p for p in paths if p != val_path]
+    if not paths or not os.path.exists(paths[0]):
+        raise PrepareError(f"no {split} data in {data_dir()}. Run: uv run prepare.py (or --source sample offline)")
+    return paths
+
+
+def data_source():
+    try:
+        with open(os.path.join(data_dir(), "source.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise PrepareError(f"no data in {cache_dir()}. Run: uv run prepare.py (or --source sample offline)") from None
+
+# ---------------------------------------------------------------------------
+# Tokenizer: rustbpe training, saved in tiktoken's format
+# ---------------------------------------------------------------------------
+
+def training_text(max_chars=TOKENIZER_MAX_CHARS, doc_cap=TOKENIZER_DOC_CAP, progress=None):
+    chars = 0
+    for path in list_shards("train"):
+        for batch in pq.ParquetFile(path).iter_batches(columns=["text"]):
+            for text in batch.column(0).to_pylist():
+                doc = text[:doc_cap]
+                chars += len(doc)
+                if progress is not None:
+                    progress.update(len(doc))
+                yield doc
+                if chars >= max_chars:
+                    return
+
+
+def train_tokenizer():
+    """Train the BPE tokenizer on the training shards, unless one for this corpus is cached."""
+    import rustbpe
+    from tqdm import tqdm
+
+    source = data_source()
+    try:
+        Tokenizer.from_directory()
+        print(f"Tokenizer: already trained for this corpus in {tokenizer_dir()}")
+        return
+    except PrepareError:
+        pass
+    os.makedirs(tokenizer_dir(), exist_ok=True)
+    t0 = time.time()
+    text_bytes = sum(pq.ParquetFile(p).metadata.row_group(g).column(0).total_uncompressed_size
+                     for p in list_shards("train") for g in range(pq.ParquetFile(p).num_row_groups))
+    total = min(TOKENIZER_MAX_CHARS, text_bytes)  # an estimate: bytes ~ chars, before the per-document cap
+    with tqdm(total=total, desc="Tokenizer", unit="char", unit_scale=True) as progress:
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(training_text(progress=progress), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+        progress.total = progress.n  # the total was an estimate
+    ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+    if len(ranks) != VOCAB_SIZE - len(SPECIAL_TOKENS):
+        raise PrepareError(f"the corpus is too small for a {VOCAB_SIZE}-token vocabulary: BPE ran out of merges "
+                           f"at {len(ranks)} tokens. Use more text.")
+    token_bytes = np.array([len(t) for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])] + [0] * len(SPECIAL_TOKENS), dtype=np.int32)
+    meta = {"vocab_size": VOCAB_SIZE, "pattern": bpe.get_pattern(), "special_tokens": SPECIAL_TOKENS, "source": source}
+
+    def write_ranks(tmp):
+        with open(tmp, "w") as f:
+            for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+                f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+    write_atomic(os.path.join(tokenizer_dir(), "tokenizer.tiktoken"), write_ranks)
+    write_atomic(os.path.join(tokenizer_dir(), "token_bytes.npy"), lambda tmp: np.save(open(tmp, "wb"), token_bytes))
+    # the meta file goes last: its presence marks a complete tokenizer
+    write_atomic(os.path.join(tokenizer_dir(), "tokenizer.json"), lambda tmp: open(tmp, "w").write(json.dumps(meta)))
+    tok = Tokenizer.from_directory()
+    sample = "Hello world! Numbers: 123. Unicode: héllo 你好"
+    assert tok.decode(tok.encode(sample)) == sample, "tokenizer round trip failed"
+    print(f"Tokenizer: {VOCAB_SIZE} tokens trained in {time.time() - t0:.1f}s, saved to {tokenizer_dir()}")
+
+
+class Tokenizer:
+    """tiktoken encoding of the trained BPE, plus the BOS token."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, directory=None):
+        import tiktoken
+        import tiktoken.load
+
+        directory = directory or tokenizer_dir()
+        rerun = "Rerun: uv run prepare.py (add the same --source/--cache-dir as before)."
+        try:
+            with open(os.path.join(directory, "tokenizer.json")) as f:
+                meta = json.load(f)
+            ranks = tiktoken.load.load_tiktoken_bpe(os.path.join(directory, "tokenizer.tiktoken"))
+            token_bytes = np.load(os.path.join(directory, "token_bytes.npy"))
+        except FileNotFoundError as e:
+            raise PrepareError(f"no trained tokenizer in {directory} ({os.path.basename(e.filename)} missing). {rerun}") from None
+        except Exception as e:
+            raise PrepareError(f"the tokenizer in {directory} is corrupt ({type(e).__name__}: {e}). {rerun}") from None
+        if meta.get("vocab_size") != VOCAB_SIZE or len(ranks) + len(SPECIAL_TOKENS) != VOCAB_SIZE or token_bytes.shape != (VOCAB_SIZE,):
+            raise PrepareError(f"the tokenizer in {directory} does not match VOCAB_SIZE={VOCAB_SIZE}. {rerun}")
+        if meta.get("source") != data_source():
+            raise PrepareError(f"the tokenizer in {directory} was trained on another corpus than the data in {data_dir()}. {rerun}")
+        special = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        enc = tiktoken.Encoding(name="autoresearch", pat_str=meta["pattern"], mergeable_ranks=ranks, special_tokens=special)
+        return cls(enc)
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        """Token ids of a string, or a list of lists for a list of strings; `prepend` is a token id."""
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            return ids if prepend is None else [prepend] + ids
+        ids = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+        return ids if prepend is None else [[prepend] + row for row in ids]
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+def get_token_bytes():
+    """UTF-8 byte length of every token id (0 for special tokens), as an MLX int32 array."""
+    try:
+        return mx.array(np.load(os.path.join(tokenizer_dir(), "token_bytes.npy")).astype(np.int32))
+    except (OSError, ValueError) as e:
+        raise PrepareError(f"token_bytes.npy is missing or corrupt in {tokenizer_dir()} ({e}). Rerun: uv run prepare.py") from None
+
+# ---------------------------------------------------------------------------
+# Dataloader: BOS-aligned best-fit packing
+# ---------------------------------------------------------------------------
+
+def document_batches(split, seed=SEED, batch_docs=128):
+    """Endless (documents, epoch) batches. Training shuffles row groups and documents each epoch
+    (deterministic for a seed); validation always reads in file order."""
+    paths = list_shards(split)
+    units = []
+    for path in paths:
+        try:
+            units += [(path, rg) for rg in range(pq.ParquetFile(path).num_row_groups)]
+        except Exception as e:
+            raise PrepareError(f"cannot read shard {path} ({type(e).__name__}: {e}). Delete it and rerun prepare.py.") from None
+    epoch = 1
+    while True:
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(units)) if split == "train" else range(len(units))
+        for u in order:
+            path, rg = units[u]
+            docs = pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column(0).to_pylist()
+            if split == "train":
+                docs = [docs[i] for i in rng.permutation(len(docs))]
+            for i in range(0, len(docs), batch_docs):
+                yield docs[i:i + batch_docs], epoch
+        epoch += 1
+
+
+def make_dataloader(tokenizer, B, T, split, seed=SEED, buffer_size=1000):
+    """Yield endless (inputs, targets, epoch) batches of shape (B, T) as MLX int32 arrays.
+
+    Every row starts with BOS and is filled with whole documents, best fit first: the longest
+    buffered document that fits the space left. Only when none fits is a document cropped
+    (the shortest, to fill the row exactly), so there is no padding."""
+    assert split in ("train", "val"), split
+    batches = document_batches(split, seed)
+    bos = tokenizer.get_bos_token_id()
+    lengths, docs = [], []  # buffer sorted by length; docs[i] = (token ids, epoch), lengths[i] = len(ids)
+    row = np.empty((B, T + 1), dtype=np.int32)
+    while True:
+        epoch = 1  # the latest epoch any document of this batch came from
+        for r in range(B):
+            pos = 0
+            while pos < T + 1:
+                while len(docs) < buffer_size:
+                    texts, text_epoch = next(batches)
+                    for ids in tokenizer.encode(texts, prepend=bos):
+                        i = bisect_right(lengths, len(ids))
+                        lengths.insert(i, len(ids))
+                        docs.insert(i, (ids, text_epoch))
+                space = T + 1 - pos
+                i = bisect_right(lengths, space) - 1  # longest document that fits whole
+                if i < 0:
+                    i = 0  # none fits: crop the shortest
+                lengths.pop(i)
+                ids, doc_epoch = docs.pop(i)
+                ids = ids[:space]
+                row[r, pos:pos + len(ids)] = ids
+                pos += len(ids)
+                epoch = max(epoch, doc_epoch)
+        yield mx.array(row[:, :-1]), mx.array(row[:, 1:]), epoch
+
+# ---------------------------------------------------------------------------
+# Evaluation: the fixed metric
+# ---------------------------------------------------------------------------
+
+def evaluate_bpb(model, tokenizer, batch_size):
+    """Validation bits per byte: total cross-entropy (nats) over target tokens divided by
+    ln(2) * their total UTF-8 bytes; special tokens count 0 bytes and are left out of both sums.
+
+    `model(inputs, targets=targets, reduction="none")` must return per-token losses in nats.
+    Reads EVAL_TOKENS of the validation shard (stopping early if the shard is smaller, so no token is
+    counted twice), calling the model on at most EVAL_CHUNK_TOKENS at a time to bound memory."""
+    token_bytes = get_token_bytes()
+    loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
+    steps = max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN))
+    rows = max(1, EVAL_CHUNK_TOKENS // MAX_SEQ_LEN)
+    total_nats, total_bytes = 0.0, 0
+    for step in range(steps):
+        x, y, epoch = next(loader)
+        if epoch > 1 and step > 0:
+            break
+        for i in range(0, batch_size, rows):
+            xc, yc = x[i:i + rows], y[i:i + rows]
+            nbytes = token_bytes[yc]
+            loss = model(xc, targets=yc, reduction="none").astype(mx.float32)
+            nats = mx.sum(mx.where(nbytes > 0, loss, 0.0))
+            mx.eval(nats, nbytes)
+            total_nats += nats.item()
+            total_bytes += int(mx.sum(nbytes).item())
+    return total_nats / (math.log(2) * total_bytes)
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Prepare data and tokenizer for autoresearch-mlx")
+    parser.add_argument("--num-shards", type=int, default=10, help="climbmix training shards to download (-1: all); the validation shard is always added")
+    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
+    parser.add_argument("--source", help="'sample' (bundled corpus, offline) or a .txt/.jsonl/.parquet file or folder, instead of downloading")
+    parser.add_argument("--cache-dir", help=f"cache directory (default: $AUTORESEARCH_CACHE or {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--force", action="store_true", help="replace a different corpus already in the cache")
+    args = parser.parse_args(argv)
+    if args.cache_dir:
+        os.environ["AUTORESEARCH_CACHE"] = os.path.abspath(os.path.expanduser(args.cache_dir))
+    if args.num_shards == 0 or args.num_shards < -1:
+        parser.error("--num-shards must be positive or -1")
+    print(f"Cache directory: {cache_dir()}")
+    try:
+        if args.force:
+            clear_cache()
+        if args.source:
+            import_local_corpus(args.source)
+        else:
+            download_data(MAX_SHARD if args.num_shards == -1 else args.num_shards, workers=args.download_workers)
+        train_tokenizer()
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("Done. Ready to train: uv run train.py")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
