@@ -77,6 +77,17 @@ class PrepareError(Exception):
     """A problem the user can fix (bad input, missing data); printed without a traceback."""
 
 
+def _report_prepare_error(exc_type, exc, tb, default_hook=sys.excepthook):
+    """Uncaught PrepareErrors (in train.py too) print as one clear line, not a traceback."""
+    if issubclass(exc_type, PrepareError):
+        print(f"error: {exc}", file=sys.stderr)
+    else:
+        default_hook(exc_type, exc, tb)
+
+
+sys.excepthook = _report_prepare_error
+
+
 def cache_dir():
     return os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE") or DEFAULT_CACHE_DIR)
 
@@ -540,29 +551,33 @@ def make_dataloader(tokenizer, B, T, split, seed=SEED, buffer_size=1000):
     assert split in ("train", "val"), split
     batches = document_batches(split, seed)
     bos = tokenizer.get_bos_token_id()
-    lengths, docs = [], []  # buffer sorted by length; docs[i] = (token ids, epoch), lengths[i] = len(ids)
+    lengths, docs = [], []  # the buffer, sorted by length: docs[i] has lengths[i] tokens
+    buffer_epoch, pending = 1, None
     row = np.empty((B, T + 1), dtype=np.int32)
     while True:
-        epoch = 1  # the latest epoch any document of this batch came from
+        epoch = buffer_epoch  # the latest epoch any document of this batch comes from
         for r in range(B):
             pos = 0
             while pos < T + 1:
                 while len(docs) < buffer_size:
-                    texts, text_epoch = next(batches)
+                    pending = pending or next(batches)
+                    texts, text_epoch = pending
+                    if docs and text_epoch > buffer_epoch:
+                        break  # use up this epoch's documents before the next epoch's: no mixing
+                    pending, buffer_epoch = None, text_epoch
                     for ids in tokenizer.encode(texts, prepend=bos):
                         i = bisect_right(lengths, len(ids))
                         lengths.insert(i, len(ids))
-                        docs.insert(i, (ids, text_epoch))
+                        docs.insert(i, ids)
                 space = T + 1 - pos
-                i = bisect_right(lengths, space) - 1  # longest document that fits whole
+                i = bisect_right(lengths, space) - 1  # the longest document that fits whole
                 if i < 0:
                     i = 0  # none fits: crop the shortest
                 lengths.pop(i)
-                ids, doc_epoch = docs.pop(i)
-                ids = ids[:space]
-                row[r, pos:pos + len(ids)] = ids
-                pos += len(ids)
-                epoch = max(epoch, doc_epoch)
+                doc = docs.pop(i)[:space]
+                row[r, pos:pos + len(doc)] = doc
+                pos += len(doc)
+                epoch = max(epoch, buffer_epoch)
         yield mx.array(row[:, :-1]), mx.array(row[:, 1:]), epoch
 
 # ---------------------------------------------------------------------------
@@ -588,11 +603,9 @@ def evaluate_bpb(model, tokenizer, batch_size):
         for i in range(0, batch_size, rows):
             xc, yc = x[i:i + rows], y[i:i + rows]
             nbytes = token_bytes[yc]
-            loss = model(xc, targets=yc, reduction="none").astype(mx.float32)
-            nats = mx.sum(mx.where(nbytes > 0, loss, 0.0))
-            mx.eval(nats, nbytes)
-            total_nats += nats.item()
-            total_bytes += int(mx.sum(nbytes).item())
+            loss = mx.where(nbytes > 0, model(xc, targets=yc, reduction="none").astype(mx.float32), 0.0)
+            total_nats += float(np.array(loss).astype(np.float64).sum())  # float64: sums over millions of tokens
+            total_bytes += int(np.array(nbytes).sum())
     return total_nats / (math.log(2) * total_bytes)
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,262 @@
+"""prepare.py: tokenizer, dataloader, evaluate_bpb, local corpora and bad input. Offline."""
+import glob
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import prepare
+from conftest import ROOT, SAMPLE
+
+
+def run_prepare(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *args],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def sample_docs(n=None):
+    with gzip.open(SAMPLE, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    return docs[:n] if n else docs
+
+
+def shard_texts(path):
+    return pq.read_table(path).column("text").to_pylist()
+
+# --- tokenizer ----------------------------------------------------------------
+
+
+def test_tokenizer_round_trip_and_vocab(use_cache):
+    tok = prepare.Tokenizer.from_directory()
+    assert tok.get_vocab_size() == prepare.VOCAB_SIZE
+    assert tok.get_bos_token_id() == prepare.VOCAB_SIZE - 1
+    for text in ["Hello world!", "  leading spaces\n\ttabs", "Unicode: héllo 你好 🙂", "numbers 1234567", ""]:
+        assert tok.decode(tok.encode(text)) == text
+    batch = tok.encode(["a b", "c d"], prepend=tok.get_bos_token_id())
+    assert all(row[0] == tok.get_bos_token_id() for row in batch)
+
+
+def test_token_bytes_match_tokens(use_cache):
+    tok = prepare.Tokenizer.from_directory()
+    token_bytes = np.array(prepare.get_token_bytes())
+    assert token_bytes.shape == (prepare.VOCAB_SIZE,)
+    for i in range(prepare.VOCAB_SIZE - 1):
+        assert token_bytes[i] == len(tok.enc.decode_single_token_bytes(i))
+    assert token_bytes[tok.get_bos_token_id()] == 0
+    assert token_bytes[:256].min() == 1  # every single byte is a token
+
+# --- dataloader ---------------------------------------------------------------
+
+
+def split_at_bos(row, bos):
+    starts = list(np.flatnonzero(row == bos)) + [len(row)]
+    return [row[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def test_dataloader_rows_are_packed_real_documents(use_cache):
+    tok = prepare.Tokenizer.from_directory()
+    bos = tok.get_bos_token_id()
+    docs = {}
+    for ids in tok.encode(shard_texts(prepare.list_shards("train")[0]), prepend=bos):
+        for k in (1, 2, 3):  # index by short prefixes: a cropped segment may be very short
+            docs.setdefault(tuple(ids[:k]), []).append(ids)
+    loader = prepare.make_dataloader(tok, 4, 512, "train")
+    for _ in range(3):
+        x, y, epoch = next(loader)
+        assert x.shape == y.shape == (4, 512) and x.dtype == mx.int32
+        x, y = np.array(x), np.array(y)
+        assert (x[:, 1:] == y[:, :-1]).all()
+        assert (x[:, 0] == bos).all()
+        for row in np.concatenate([x, y[:, -1:]], axis=1):  # the full T+1 row
+            segments = split_at_bos(row, bos)
+            assert sum(len(s) for s in segments) == 513  # no padding: the row is all document tokens
+            for k, seg in enumerate(segments):
+                candidates = docs[tuple(seg[:3])]
+                assert any(list(seg) == d[:len(seg)] for d in candidates), "a token not from a real document"
+                if k < len(segments) - 1:  # only the row's last document may be cropped
+                    assert any(len(seg) == len(d) for d in candidates)
+
+
+def test_dataloader_deterministic_for_a_seed(use_cache):
+    tok = prepare.Tokenizer.from_directory()
+
+    def first_batches(split, seed):  # a buffer smaller than the corpus, so the seeded order matters
+        loader = prepare.make_dataloader(tok, 2, 256, split, seed=seed, buffer_size=50)
+        return [np.array(next(loader)[0]) for _ in range(3)]
+    a, b, c = first_batches("train", 1), first_batches("train", 1), first_batches("train", 2)
+    assert all((p == q).all() for p, q in zip(a, b))
+    assert not all((p == q).all() for p, q in zip(a, c))
+    # validation never depends on the seed
+    assert all((p == q).all() for p, q in zip(first_batches("val", 1), first_batches("val", 2)))
+
+# --- evaluate_bpb -----------------------------------------------------------------
+
+
+class ConstantLossModel:
+    """Uniform logits: every token costs ln(V) nats."""
+
+    def __init__(self):
+        self.max_rows = 0
+
+    def __call__(self, x, targets=None, reduction="mean"):
+        assert reduction == "none"
+        self.max_rows = max(self.max_rows, x.shape[0])
+        return mx.full(targets.shape, math.log(prepare.VOCAB_SIZE))
+
+
+def test_evaluate_bpb_uniform_logits_is_log2_vocab_per_token(use_cache, monkeypatch):
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 4 * 4 * prepare.MAX_SEQ_LEN)
+    monkeypatch.setattr(prepare, "EVAL_CHUNK_TOKENS", 2 * prepare.MAX_SEQ_LEN)
+    tok = prepare.Tokenizer.from_directory()
+    token_bytes = np.array(prepare.get_token_bytes())
+    loader = prepare.make_dataloader(tok, 4, prepare.MAX_SEQ_LEN, "val")
+    tokens = nbytes = 0
+    for _ in range(4):
+        _, y, epoch = next(loader)
+        assert epoch == 1
+        b = token_bytes[np.array(y)]
+        tokens += int((b > 0).sum())
+        nbytes += int(b.sum())
+    model = ConstantLossModel()
+    bpb = prepare.evaluate_bpb(model, tok, 4)
+    assert bpb == pytest.approx(math.log2(prepare.VOCAB_SIZE) * tokens / nbytes, rel=1e-6)
+    assert model.max_rows == 2  # called in chunks, never on the whole batch
+
+
+def test_evaluate_bpb_stops_before_repeating_the_validation_shard(use_cache, monkeypatch):
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 10**9)
+    calls = []
+
+    def model(x, targets=None, reduction="none"):
+        calls.append(x.shape[0])
+        return mx.zeros(targets.shape)
+    assert prepare.evaluate_bpb(model, prepare.Tokenizer.from_directory(), 8) == 0.0
+    val_tokens = sum(len(t) for t in prepare.Tokenizer.from_directory().encode(shard_texts(prepare.list_shards("val")[0])))
+    assert 0 < sum(calls) * prepare.MAX_SEQ_LEN <= val_tokens + 8 * prepare.MAX_SEQ_LEN
+
+# --- local corpora ---------------------------------------------------------------
+
+
+def test_local_formats_and_folder(tmp_path):
+    docs = sample_docs(300)
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("\n\n".join(docs[:100]).replace("\n\n\n", "\n \n"), encoding="utf-8")
+    with open(folder / "b.jsonl", "w") as f:
+        for d in docs[100:200]:
+            f.write(json.dumps({"text": d}) + "\n")
+    pq.write_table(pa.table({"text": docs[200:]}), folder / "sub" / "c.parquet")
+    n_txt = len(list(prepare.read_documents(str(folder / "a.txt"))))
+    all_docs = list(prepare.read_documents(str(folder)))
+    n_all = len(all_docs)
+    assert n_all == n_txt + 200
+    cache = tmp_path / "cache"
+    result = run_prepare("--source", str(folder), "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    shards = sorted(glob.glob(str(cache / "data" / "shard_*.parquet")))
+    assert os.path.basename(shards[-1]) == prepare.VAL_FILENAME
+    val = shard_texts(shards[-1])
+    train = [t for s in shards[:-1] for t in shard_texts(s)]
+    assert len(val) + len(train) == n_all
+    assert val == all_docs[::prepare.LOCAL_VAL_EVERY]  # held out: every 10th document, in order
+    # deterministic: the same corpus gives the same split
+    again = tmp_path / "again"
+    assert run_prepare("--source", str(folder), "--cache-dir", str(again)).returncode == 0
+    assert shard_texts(again / "data" / prepare.VAL_FILENAME) == val
+
+
+def test_shared_corpus_and_cache_env(tmp_path):
+    shared = os.path.join(ROOT, "..", "shared", "data", "shakespeare.jsonl")
+    if not os.path.exists(shared):
+        pytest.skip("no ../shared corpus beside this checkout")
+    result = run_prepare("--source", shared, env={"AUTORESEARCH_CACHE": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert os.path.exists(tmp_path / "tokenizer" / "tokenizer.tiktoken")
+
+
+def test_refuses_to_mix_corpora_unless_forced(tmp_path, prepared_cache):
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"text": d}) + "\n" for d in sample_docs()[::-1]))
+    cache = tmp_path / "cache"
+    assert run_prepare("--source", "sample", "--cache-dir", str(cache)).returncode == 0
+    result = run_prepare("--source", str(one), "--cache-dir", str(cache))
+    assert result.returncode == 1 and "--force" in result.stderr
+    assert run_prepare("--source", str(one), "--cache-dir", str(cache), "--force").returncode == 0
+
+# --- bad input: a clear error, a non-zero exit, nothing half-written ----------------
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.txt", b"", "too small"),
+    ("blank.jsonl", b"\n\n", "too small"),
+    ("latin1.txt", "caf\xe9 au lait\n\nmore text".encode("latin-1"), "not UTF-8"),
+    ("bad.jsonl", b'{"text": "ok"}\nnot json\n', "bad.jsonl:2"),
+    ("notext.jsonl", b'{"body": "x"}\n', "\"text\""),
+    ("corpus.csv", b"a,b\n", "unsupported"),
+])
+def test_bad_corpus(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    cache = tmp_path / "cache"
+    result = run_prepare("--source", str(path), "--cache-dir", str(cache))
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not glob.glob(str(cache / "data" / "*.parquet*"))
+    assert not glob.glob(str(cache / "tokenizer" / "*"))
+
+
+def test_missing_corpus_and_missing_data(tmp_path):
+    result = run_prepare("--source", str(tmp_path / "nope.txt"), "--cache-dir", str(tmp_path / "c"))
+    assert result.returncode == 1 and "not found" in result.stderr
+    # train.py's view of an empty cache: the error says to run prepare.py
+    code = "import prepare; prepare.Tokenizer.from_directory()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "AUTORESEARCH_CACHE": str(tmp_path / "empty")})
+    assert result.returncode == 1 and "prepare.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_too_small_for_the_vocabulary(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i} hello"}) + "\n" for i in range(30)))
+    result = run_prepare("--source", str(path), "--cache-dir", str(tmp_path / "c"))
+    assert result.returncode == 1 and "too small" in result.stderr
+    assert not os.path.exists(tmp_path / "c" / "tokenizer" / "tokenizer.json")
+
+
+def copy_cache(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda c: os.remove(c / "tokenizer" / "tokenizer.tiktoken"), "missing"),
+    (lambda c: (c / "tokenizer" / "tokenizer.tiktoken").write_text("garbage\n"), "corrupt"),
+    (lambda c: (c / "tokenizer" / "tokenizer.json").write_text("{"), "corrupt"),
+    (lambda c: np.save(c / "tokenizer" / "token_bytes.npy", np.zeros(10, np.int32)), "does not match"),
+    (lambda c: (c / "data" / "source.json").write_text('{"source": "other"}'), "another corpus"),
+])
+def test_damaged_tokenizer(tmp_path, prepared_cache, monkeypatch, damage, message):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    damage(cache)
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    with pytest.raises(prepare.PrepareError, match=message) as err:
+        prepare.Tokenizer.from_directory()
+    assert "prepare.py" in str(err.value)
+
+
+def test_corrupt_shard(tmp_path, prepared_cache, monkeypatch):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    (cache / "data" / "shard_00000.parquet").write_bytes(b"PAR1 not really")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    tok = prepare.Tokenizer.from_directory()
+    with pytest.raises(prepare.PrepareError, match="shard_00000"):
+        next(prepare.make_dataloader(tok, 2, 128, "train"))
