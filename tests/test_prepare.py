@@ -260,3 +260,25 @@ def test_corrupt_shard(tmp_path, prepared_cache, monkeypatch):
     tok = prepare.Tokenizer.from_directory()
     with pytest.raises(prepare.PrepareError, match="shard_00000"):
         next(prepare.make_dataloader(tok, 2, 128, "train"))
+
+# --- fast CPU BLAS ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_fast_blas_loader(setting):
+    code = ("import prepare, mlx.core as mx, numpy as np\n"
+            "a = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)\n"
+            "err = np.abs(np.array(mx.array(a) @ mx.array(a)) - a.astype(np.float64) @ a).max()\n"
+            "print(prepare.FAST_BLAS, err)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "AUTORESEARCH_FAST_BLAS": setting})
+    assert result.returncode == 0, result.stderr
+    lib, err = result.stdout.split()
+    assert float(err) < 1e-3  # matmuls stay right whichever BLAS serves them
+    have_openblas = "libopenblas" in subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    if setting == "0" or prepare.HARDWARE.backend != "cpu":
+        assert lib == "None"
+    elif have_openblas:
+        assert "openblas" in lib
+    else:
+        assert "no fast BLAS" in result.stderr
