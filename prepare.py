@@ -27,8 +27,10 @@ import json
 import math
 import os
 import platform
+import queue
 import re
 import sys
+import threading
 import time
 from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -64,6 +66,8 @@ TOKENIZER_DOC_CAP = 10_000            # chars taken from any one document for to
 LOCAL_VAL_EVERY = 10                  # local corpora: every 10th document is held out for validation...
 LOCAL_VAL_MAX_CHARS = 20_000_000      # ...until the validation shard holds this much text
 LOCAL_SHARD_CHARS = 250_000_000       # local corpora: text per training shard
+TOKEN_CACHE_LIMIT = 100_000_000      # a split of at most this many tokens is tokenized once, kept as int32
+LOADER_PREFETCH = 4                   # batches packed ahead by the dataloader's background thread
 EVAL_CHUNK_TOKENS = 32 * MAX_SEQ_LEN  # tokens per model call in evaluate_bpb: bounds the logits' memory
 
 # Tests and smoke runs only: shorten the experiment without editing this file (the run prints what it used).
@@ -194,7 +198,7 @@ def _system_memory_gb():
 def detect_hardware():
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     name = str(info.get("device_name", platform.processor() or "unknown"))
-    mem_gb = float(info.get("memory_size", 0)) / 1024**3 or _system_memory_gb()
+    mem_gb = float(info.get("memory_size") or info.get("total_memory") or 0) / 1024**3 or _system_memory_gb()
     if mx.cuda.is_available():
         # H100 SXM: ~989 TFLOP/s dense bf16. Smaller cards get a smaller batch but the same model.
         peak = 989e12 if "H100" in name or "H200" in name else 300e12
@@ -550,23 +554,33 @@ def get_token_bytes():
 # Dataloader: BOS-aligned best-fit packing
 # ---------------------------------------------------------------------------
 
-def document_batches(split, seed=SEED, batch_docs=128):
-    """Endless (documents, epoch) batches. Training shuffles row groups and documents each epoch
-    (deterministic for a seed); validation always reads in file order."""
-    paths = list_shards(split)
+def document_batches(tokenizer, split, seed=SEED, batch_docs=128):
+    """Endless (documents as BOS-prefixed int32 token arrays, epoch) batches. Training shuffles row
+    groups and documents each epoch (deterministic for a seed); validation reads in file order.
+    A split small enough to fit TOKEN_CACHE_LIMIT is tokenized once, not every epoch."""
     units = []
-    for path in paths:
+    for path in list_shards(split):
         try:
             units += [(path, rg) for rg in range(pq.ParquetFile(path).num_row_groups)]
         except Exception as e:
             raise PrepareError(f"cannot read shard {path} ({type(e).__name__}: {e}). Delete it and rerun prepare.py.") from None
+    bos = tokenizer.get_bos_token_id()
+    threads = min(8, os.cpu_count() or 1)
+    cache, cached_tokens = {}, 0
     epoch = 1
     while True:
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(units)) if split == "train" else range(len(units))
         for u in order:
-            path, rg = units[u]
-            docs = pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column(0).to_pylist()
+            docs = cache.get(u)
+            if docs is None:
+                texts = pq.ParquetFile(units[u][0]).read_row_group(units[u][1], columns=["text"]).column(0).to_pylist()
+                docs = [np.array(ids, dtype=np.int32) for ids in tokenizer.encode(texts, prepend=bos, num_threads=threads)]
+                cached_tokens += sum(len(d) for d in docs)
+                if cache is not None and cached_tokens <= TOKEN_CACHE_LIMIT:
+                    cache[u] = docs
+                else:
+                    cache = {}  # too big to keep: a corpus this large is rarely repeated within a run
             if split == "train":
                 docs = [docs[i] for i in rng.permutation(len(docs))]
             for i in range(0, len(docs), batch_docs):
@@ -574,33 +588,27 @@ def document_batches(split, seed=SEED, batch_docs=128):
         epoch += 1
 
 
-def make_dataloader(tokenizer, B, T, split, seed=SEED, buffer_size=1000):
-    """Yield endless (inputs, targets, epoch) batches of shape (B, T) as MLX int32 arrays.
-
-    Every row starts with BOS and is filled with whole documents, best fit first: the longest
-    buffered document that fits the space left. Only when none fits is a document cropped
-    (the shortest, to fill the row exactly), so there is no padding."""
-    assert split in ("train", "val"), split
-    batches = document_batches(split, seed)
-    bos = tokenizer.get_bos_token_id()
+def packed_rows(tokenizer, B, T, split, seed, buffer_size):
+    """Endless (B x T+1 int32 rows, epoch) from best-fit packing (see make_dataloader)."""
+    batches = document_batches(tokenizer, split, seed)
     lengths, docs = [], []  # the buffer, sorted by length: docs[i] has lengths[i] tokens
     buffer_epoch, pending = 1, None
-    row = np.empty((B, T + 1), dtype=np.int32)
     while True:
+        row = np.empty((B, T + 1), dtype=np.int32)
         epoch = buffer_epoch  # the latest epoch any document of this batch comes from
         for r in range(B):
             pos = 0
             while pos < T + 1:
                 while len(docs) < buffer_size:
                     pending = pending or next(batches)
-                    texts, text_epoch = pending
-                    if docs and text_epoch > buffer_epoch:
+                    new_docs, docs_epoch = pending
+                    if docs and docs_epoch > buffer_epoch:
                         break  # use up this epoch's documents before the next epoch's: no mixing
-                    pending, buffer_epoch = None, text_epoch
-                    for ids in tokenizer.encode(texts, prepend=bos):
-                        i = bisect_right(lengths, len(ids))
-                        lengths.insert(i, len(ids))
-                        docs.insert(i, ids)
+                    pending, buffer_epoch = None, docs_epoch
+                    for doc in new_docs:
+                        i = bisect_right(lengths, len(doc))
+                        lengths.insert(i, len(doc))
+                        docs.insert(i, doc)
                 space = T + 1 - pos
                 i = bisect_right(lengths, space) - 1  # the longest document that fits whole
                 if i < 0:
@@ -610,7 +618,43 @@ def make_dataloader(tokenizer, B, T, split, seed=SEED, buffer_size=1000):
                 row[r, pos:pos + len(doc)] = doc
                 pos += len(doc)
                 epoch = max(epoch, buffer_epoch)
-        yield mx.array(row[:, :-1]), mx.array(row[:, 1:]), epoch
+        yield row, epoch
+
+
+def make_dataloader(tokenizer, B, T, split, seed=SEED, buffer_size=1000):
+    """Yield endless (inputs, targets, epoch) batches of shape (B, T) as MLX int32 arrays.
+
+    Every row starts with BOS and is filled with whole documents, best fit first: the longest
+    buffered document that fits the space left. Only when none fits is a document cropped
+    (the shortest, to fill the row exactly), so there is no padding. A background thread packs
+    the next LOADER_PREFETCH batches while the caller computes."""
+    assert split in ("train", "val"), split
+    ready, stop = queue.Queue(maxsize=LOADER_PREFETCH), threading.Event()
+
+    def produce():
+        try:
+            for item in packed_rows(tokenizer, B, T, split, seed, buffer_size):
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            ready.put(e)
+
+    threading.Thread(target=produce, daemon=True, name=f"dataloader-{split}").start()
+    try:
+        while True:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            row, epoch = item
+            yield mx.array(row[:, :-1]), mx.array(row[:, 1:]), epoch
+    finally:
+        stop.set()  # the consumer is done (closed or garbage-collected): let the producer end
 
 # ---------------------------------------------------------------------------
 # Evaluation: the fixed metric

@@ -97,6 +97,19 @@ def test_dataloader_deterministic_for_a_seed(use_cache):
     # validation never depends on the seed
     assert all((p == q).all() for p, q in zip(first_batches("val", 1), first_batches("val", 2)))
 
+def test_dataloader_thread_ends_with_its_consumer(use_cache):
+    import threading
+    import time
+    tok = prepare.Tokenizer.from_directory()
+    loader = prepare.make_dataloader(tok, 2, 128, "train")
+    next(loader)
+    loader.close()
+    deadline = time.time() + 5
+    while any(t.name.startswith("dataloader") for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name.startswith("dataloader") for t in threading.enumerate())
+
+
 # --- evaluate_bpb -----------------------------------------------------------------
 
 
