@@ -1,2 +1,148 @@
-def main():
-    raise SystemExit("autoresearch: not implemented yet")
+"""
+The `autoresearch` command: run | noise | status | plot | rebuild-tsv. `autoresearch <command> --help` says more.
+"""
+
+import argparse
+import os
+import sys
+
+from autoresearch import experiment, gate, gitops, ledger, runner
+from autoresearch.gitops import Refusal
+from autoresearch.ledger import LedgerError
+
+DESCRIPTION = """\
+Experiment harness for autoresearch: one safe command per experiment.
+
+The loop: edit train.py, then `uv run autoresearch run -m "what I tried"`, then read the verdict.
+State lives in .autoresearch/ (ledger.jsonl, noise.json, lock) and results.tsv, run.log, progress.png,
+all git-ignored. Exit codes: 0 done (keep or discard), 1 crash, 2 refused (nothing changed), 130/143 interrupted.
+"""
+
+RUN_HELP = f"""\
+Commit train.py (if it changed), run it with a hard timeout, record the result, keep or revert.
+
+Refuses (exit 2, nothing changed) outside a git repository, off an autoresearch/<tag> branch, with uncommitted
+changes to any file but train.py, with a damaged results.tsv/ledger, while another autoresearch command runs in
+this repository, or when this exact train.py was already run on this branch (unless --rerun).
+
+Keep gate: the first successful run on a branch is the baseline. Afterwards a candidate is kept only if
+    best_kept - val_bpb > 2 * margin                      (clear win), or
+    margin < gain <= 2 * margin and, after --confirm extra seeds, the mean still gains > margin*sqrt((1+1/n)/2)
+with margin = max({gate.NOISE_MULT:g} * noise_std, {gate.MARGIN_FLOOR:g}) from `autoresearch noise`, and
+{gate.DEFAULT_MARGIN:g} until noise has been measured. best_kept is the mean over all runs of the best kept commit.
+On discard or crash only train.py is reset to the last kept commit (the branch moves back; other files are
+never touched). Ctrl-C / SIGTERM stops train.py and undoes the candidate commit, leaving your edit in place.
+
+Prints a live progress line, the log tail on a crash, and a final block:
+    verdict: keep|discard|crash|interrupted, reason, val_bpb, best_before, commit, wall_seconds
+"""
+
+NOISE_HELP = """\
+Run the committed train.py N times with seeds seed+1..seed+N and store the spread of val_bpb (sample standard
+deviation over all valid runs of this exact train.py, one per seed, the baseline run included) in
+.autoresearch/noise.json. From then on the keep margin is max(2 x noise_std, 0.001). Run it once right after
+the baseline, and again if the hardware or the model size changes a lot. Costs N full runs.
+"""
+
+
+def _env_float(name, default):
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def _add_run_options(p):
+    p.add_argument("--seed", type=int, default=experiment.DEFAULT_SEED,
+                   help="AUTORESEARCH_SEED for train.py (default %(default)s)")
+    p.add_argument("--budget", type=float, default=_env_float("AUTORESEARCH_TIME_BUDGET", runner.DEFAULT_BUDGET),
+                   help="training seconds, passed as AUTORESEARCH_TIME_BUDGET (default: that variable, else 300)")
+    p.add_argument("--timeout", type=float, default=_env_float("AUTORESEARCH_TIMEOUT", None),
+                   help="hard wall-clock limit per train.py run in seconds; the whole process group is killed "
+                        "(default: $AUTORESEARCH_TIMEOUT, else budget + max(180, budget), i.e. 600 for 300)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="autoresearch", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{run,noise,status,plot,rebuild-tsv}")
+
+    p = sub.add_parser("run", help="run one experiment: commit, train, judge, keep or revert", description=RUN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--message", required=True, help="what you tried (commit message and results.tsv)")
+    _add_run_options(p)
+    p.add_argument("--confirm", type=int, default=gate.CONFIRM_SEEDS,
+                   help="extra seeds for a borderline candidate (default %(default)s; 0 keeps borderline ones unconfirmed)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="fixed keep margin in val_bpb, instead of the one derived from the noise estimate")
+    p.add_argument("--simpler", action="store_true",
+                   help="this change simplifies the code: keep it unless it is worse than best by more than the margin")
+    p.add_argument("--rerun", action="store_true", help="run even if this exact train.py was already run")
+
+    p = sub.add_parser("noise", help="measure run-to-run noise of val_bpb on the current commit",
+                       description=NOISE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", "--runs", type=int, default=experiment.NOISE_RUNS, help="runs (default %(default)s)")
+    _add_run_options(p)
+
+    p = sub.add_parser("status", help="best, baseline, noise, keep rate, pace, recent experiments",
+                       description="Summary of the current branch's experiments, from the ledger (read-only).")
+    p.add_argument("-n", "--last", type=int, default=10, help="how many recent experiments to list (default 10)")
+    p.add_argument("--branch", help="another branch than the current one")
+
+    p = sub.add_parser("plot", help="write progress.png", description=(
+        "Write progress.png: val_bpb of every experiment, kept ones on the running-best step line with short "
+        "labels, discarded ones faint, crashes as red crosses at the top."))
+    p.add_argument("-o", "--output", default=None, help="output path (default: progress.png in the repo root)")
+    p.add_argument("--branch", help="another branch than the current one")
+
+    sub.add_parser("rebuild-tsv", help="rewrite results.tsv from the ledger", description=(
+        "Rewrite results.tsv from .autoresearch/ledger.jsonl (all branches, in run order), e.g. after it was "
+        "damaged. The ledger is never modified."))
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return experiment.EXIT_REFUSED
+    try:
+        if args.command in ("run", "noise"):
+            if args.budget <= 0 or (args.timeout is not None and args.timeout <= 0):
+                raise Refusal("--budget and --timeout must be positive")
+            opts = experiment.Options(seed=args.seed, budget=args.budget, timeout=args.timeout)
+            if args.command == "run":
+                if not args.message.strip():
+                    raise Refusal("-m needs a short description of what you tried")
+                opts.description, opts.confirm, opts.margin = args.message.strip(), args.confirm, args.margin
+                opts.simpler, opts.rerun = args.simpler, args.rerun
+                return experiment.run_experiment(opts)
+            if args.runs < 1:
+                raise Refusal("-n must be at least 1")
+            opts.runs = args.runs
+            return experiment.run_noise(opts)
+        root = gitops.repo_root()
+        if args.command == "rebuild-tsv":
+            n = ledger.rebuild_results(root)
+            print(f"wrote {ledger.RESULTS_FILE} with {n} experiments")
+            return experiment.EXIT_OK
+        branch = args.branch or gitops.current_branch(root) or "HEAD"
+        if args.command == "status":
+            from autoresearch import status
+            print(status.render(root, branch, args.last))
+            return experiment.EXIT_OK
+        if args.command == "plot":
+            from autoresearch import plot  # matplotlib only when asked for
+            records = gate.branch_records(ledger.read_ledger(root), branch)
+            margin = gate.margin(ledger.read_noise(root, branch))[0]
+            path = plot.make_plot(records, args.output or os.path.join(root, plot.PLOT_FILE), title=branch,
+                                  margin=margin)
+            print(f"wrote {path}")
+            return experiment.EXIT_OK
+    except (Refusal, LedgerError) as e:
+        print(f"autoresearch: {e}", file=sys.stderr)
+        return experiment.EXIT_REFUSED
+    return experiment.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

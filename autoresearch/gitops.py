@@ -1,0 +1,143 @@
+"""
+The few git operations the harness needs. Every one of them touches train.py only:
+other files, staged or not, are never rewritten, so a user's own work can't be lost.
+"""
+
+import hashlib
+import os
+import re
+import subprocess
+
+TRAIN_FILE = "train.py"
+BRANCH_PATTERN = re.compile(r"^autoresearch/[A-Za-z0-9._-]+$")
+# used only when the repository has no identity configured, so a fresh clone still works
+FALLBACK_IDENTITY = {"GIT_AUTHOR_NAME": "autoresearch", "GIT_AUTHOR_EMAIL": "autoresearch@localhost",
+                     "GIT_COMMITTER_NAME": "autoresearch", "GIT_COMMITTER_EMAIL": "autoresearch@localhost"}
+
+
+class Refusal(Exception):
+    """A reason not to start; printed as is, nothing has been changed."""
+
+
+def git(root, *args, check=True, env=None, strip=True):
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout.strip() if strip else proc.stdout
+
+
+def repo_root(cwd="."):
+    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise Refusal(f"not inside a git repository ({os.path.abspath(cwd)}). "
+                      "autoresearch works on a clone of the project: cd into it first.")
+    return proc.stdout.strip()
+
+
+def current_branch(root):
+    return git(root, "symbolic-ref", "--quiet", "--short", "HEAD", check=False) or None
+
+
+def head(root):
+    return git(root, "rev-parse", "--verify", "--quiet", "HEAD", check=False) or None
+
+
+def short(commit):
+    return commit[:7] if commit else "-"
+
+
+def check_branch(root):
+    """Experiments only run on a dedicated branch, so main is never rewritten."""
+    branch = current_branch(root)
+    if branch is None or not BRANCH_PATTERN.match(branch):
+        where = f"branch '{branch}'" if branch else "a detached HEAD"
+        raise Refusal(f"you are on {where}; experiments run only on a branch named autoresearch/<tag>.\n"
+                      "  Start one with: git checkout -b autoresearch/<tag> main   (e.g. autoresearch/nov24)")
+    if head(root) is None:
+        raise Refusal(f"branch {branch} has no commits yet; commit train.py first.")
+    return branch
+
+
+def dirty_files(root):
+    """Tracked files with staged or unstaged changes (untracked files are never touched, so they don't count)."""
+    out = git(root, "status", "--porcelain=v1", "--untracked-files=no", "-z", strip=False)
+    paths = []
+    entries = out.split("\0")
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if not entry:
+            continue
+        status, path = entry[:2], entry[3:]
+        if "R" in status or "C" in status:
+            i += 1  # renames/copies are followed by their source path
+        paths.append(path)
+    return paths
+
+
+def check_clean(root, allow_train=True):
+    others = [p for p in dirty_files(root) if not (allow_train and p == TRAIN_FILE)]
+    if others:
+        listing = "\n".join(f"    {p}" for p in others[:20])
+        raise Refusal("uncommitted changes to files other than train.py:\n" + listing + "\n"
+                      "  The harness only ever commits or resets train.py. Commit these yourself, or "
+                      "stash them, before running an experiment.")
+    if not is_tracked(root, TRAIN_FILE):
+        raise Refusal("train.py is not tracked by git here; commit it once (git add train.py && git commit) first.")
+
+
+def is_tracked(root, path):
+    return bool(git(root, "ls-files", "--", path))
+
+
+def train_changed(root):
+    """True if train.py in the working tree or index differs from HEAD."""
+    return bool(git(root, "diff", "--name-only", "HEAD", "--", TRAIN_FILE))
+
+
+def content_hash(root):
+    with open(os.path.join(root, TRAIN_FILE), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def has_identity(root):
+    return bool(git(root, "config", "user.email", check=False)) and bool(git(root, "config", "user.name", check=False))
+
+
+def commit_train(root, message):
+    """Commit train.py alone (whatever else is staged stays staged); returns the new HEAD."""
+    env = None if has_identity(root) else FALLBACK_IDENTITY
+    git(root, "commit", "--quiet", "--only", "-m", message, "--", TRAIN_FILE, env=env)
+    return head(root)
+
+
+def is_ancestor(root, older, newer):
+    return subprocess.run(["git", "merge-base", "--is-ancestor", older, newer], cwd=root,
+                          capture_output=True).returncode == 0
+
+
+def revert_train(root, kept, message):
+    """Bring train.py back to the kept commit. If every commit since `kept` only touched train.py, the branch
+    simply moves back to `kept` (clean history); otherwise it gets one new commit restoring train.py, so other
+    committed work stays on the branch. Returns how it was done."""
+    changed = set(git(root, "diff", "--name-only", kept, "HEAD").split())
+    if changed <= {TRAIN_FILE}:
+        git(root, "reset", "--quiet", "--soft", kept)
+        git(root, "checkout", kept, "--", TRAIN_FILE)
+        return "branch moved back"
+    git(root, "checkout", kept, "--", TRAIN_FILE)
+    env = None if has_identity(root) else FALLBACK_IDENTITY
+    git(root, "commit", "--quiet", "--only", "-m", message, "--", TRAIN_FILE, env=env)
+    return "restore commit"
+
+
+def undo_commit(root, candidate, base):
+    """An interrupted run: drop the candidate commit but leave its train.py in the working tree, exactly as
+    before the run, so the user can simply run it again."""
+    if head(root) != candidate:
+        return False  # someone committed meanwhile: leave it alone
+    git(root, "reset", "--quiet", "--soft", base)
+    git(root, "reset", "--quiet", base, "--", TRAIN_FILE)  # unstage, keep the file's contents
+    return True

@@ -1,0 +1,432 @@
+"""
+Tests of the experiment harness (`autoresearch ...`) against a fixture train.py in throwaway git repositories.
+Offline and fast: the fixture "trains" in milliseconds.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from autoresearch import gate, runner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "train.py")
+BRANCH = "autoresearch/test"
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+def git(repo, *args):
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def harness_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env["PYTHONPATH"] = ROOT
+    return env
+
+
+def ar(repo, *args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "autoresearch", *args], cwd=repo, capture_output=True, text=True,
+                          env=harness_env(), timeout=timeout)
+
+
+def ar_start(repo, *args):
+    return subprocess.Popen([sys.executable, "-m", "autoresearch", *args], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=harness_env())
+
+
+@pytest.fixture
+def repo(tmp_path):
+    path = tmp_path / "repo"
+    path.mkdir()
+    git(path, "init", "-q", "-b", "main")
+    git(path, "config", "user.email", "test@example.com")
+    git(path, "config", "user.name", "test")
+    shutil.copy(FIXTURE, path / "train.py")
+    (path / ".gitignore").write_text("results.tsv\nrun.log\nprogress.png\n.autoresearch/\nfixture_child.pid\n")
+    (path / "notes.md").write_text("my notes\n")
+    git(path, "add", ".")
+    git(path, "commit", "-q", "-m", "initial")
+    git(path, "checkout", "-q", "-b", BRANCH)
+    return str(path)
+
+
+def edit(repo, append="", **consts):
+    """Change the fixture's constants (MODE="crash", BPB=0.9, ...) and/or append text, like an agent's edit."""
+    path = os.path.join(repo, "train.py")
+    text = open(path).read()
+    for name, value in consts.items():
+        text, n = re.subn(rf"^{name} = .*?(\s+#.*)?$", lambda m: f"{name} = {value!r}{m.group(1) or ''}", text,
+                          count=1, flags=re.M)
+        assert n == 1, name
+    open(path, "w").write(text + append)
+    return text + append
+
+
+def read(repo, name="train.py"):
+    return open(os.path.join(repo, name)).read()
+
+
+def ledger(repo):
+    with open(os.path.join(repo, ".autoresearch", "ledger.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def results(repo):
+    with open(os.path.join(repo, "results.tsv")) as f:
+        return [line.rstrip("\n").split("\t") for line in f]
+
+
+def process_gone(pid):
+    """Dead, or a zombie waiting for a reaper (some containers' init never reaps)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return re.search(r"^State:\s+Z", f.read(), re.M) is not None
+    except FileNotFoundError:
+        return True
+
+
+def fixture_value(text, seed):
+    spec = importlib.util.spec_from_file_location("fixture_train", FIXTURE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    consts = dict(re.findall(r"^(BPB|NOISE) = ([0-9.]+)", text, re.M))
+    return mod.val_bpb(text, seed, float(consts["BPB"]), float(consts["NOISE"]))
+
+
+def baseline(repo):
+    r = ar(repo, "run", "-m", "baseline")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return git(repo, "rev-parse", "HEAD")
+
+
+# ---------------------------------------------------------------------------
+# refusals: nothing may change
+
+def test_refuses_outside_git_repo(tmp_path):
+    shutil.copy(FIXTURE, tmp_path / "train.py")
+    r = ar(str(tmp_path), "run", "-m", "x")
+    assert r.returncode == 2 and "not inside a git repository" in r.stderr
+
+
+def test_refuses_on_wrong_branch(repo):
+    git(repo, "checkout", "-q", "main")
+    r = ar(repo, "run", "-m", "x")
+    assert r.returncode == 2 and "autoresearch/<tag>" in r.stderr
+    assert not os.path.exists(os.path.join(repo, "results.tsv"))
+
+
+def test_refuses_other_uncommitted_changes_and_keeps_them(repo):
+    open(os.path.join(repo, "notes.md"), "a").write("unsaved thought\n")
+    edit(repo, BPB=0.9)
+    head = git(repo, "rev-parse", "HEAD")
+    r = ar(repo, "run", "-m", "x")
+    assert r.returncode == 2 and "notes.md" in r.stderr
+    assert read(repo, "notes.md").endswith("unsaved thought\n") and "BPB = 0.9" in read(repo)
+    assert git(repo, "rev-parse", "HEAD") == head
+    git(repo, "add", "notes.md")  # staged counts too
+    assert ar(repo, "run", "-m", "x").returncode == 2
+
+
+def test_untracked_files_are_allowed_and_untouched(repo):
+    open(os.path.join(repo, "scratch.txt"), "w").write("keep me")
+    baseline(repo)
+    edit(repo, BPB=1.5)
+    assert ar(repo, "run", "-m", "worse").returncode == 0
+    assert read(repo, "scratch.txt") == "keep me"
+
+
+# ---------------------------------------------------------------------------
+# keep / discard / crash
+
+def test_keep_discard_and_revert(repo):
+    base = baseline(repo)
+    edit(repo, BPB=0.9)
+    r = ar(repo, "run", "-m", "better")
+    assert r.returncode == 0 and "verdict:      keep" in r.stdout
+    kept = git(repo, "rev-parse", "HEAD")
+    assert kept != base and git(repo, "log", "-1", "--format=%s") == "better"
+    kept_text = read(repo)
+
+    edit(repo, BPB=0.95)
+    r = ar(repo, "run", "-m", "worse")
+    assert r.returncode == 0 and "verdict:      discard" in r.stdout
+    assert git(repo, "rev-parse", "HEAD") == kept          # branch moved back, history clean
+    assert read(repo) == kept_text                          # train.py reverted
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+
+    rows = results(repo)
+    assert rows[0] == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    assert [row[3] for row in rows[1:]] == ["keep", "keep", "discard"]
+    assert rows[2][:2] == [kept[:7], "0.900000"] and rows[2][2] == "2.0"
+    recs = ledger(repo)
+    assert [r["verdict"] for r in recs] == ["keep", "keep", "discard"]
+    last = recs[-1]
+    for key in ("commit", "content_hash", "seed", "metrics", "hardware", "start_time", "wall_seconds", "verdict",
+                "reason", "harness_seconds", "overhead_seconds"):
+        assert key in last, key
+    assert last["metrics"]["num_steps"] == 3.0 and last["seed"] == 42
+    assert os.path.exists(os.path.join(repo, "run.log"))
+
+
+@pytest.mark.parametrize("mode,reason", [("crash", "exit code 1"), ("nan", "exit code 1"),
+                                         ("nosummary", "no val_bpb")])
+def test_crash_reverts(repo, mode, reason):
+    base = baseline(repo)
+    base_text = read(repo)
+    edit(repo, MODE=mode)
+    r = ar(repo, "run", "-m", f"try {mode}")
+    assert r.returncode == 1 and "verdict:      crash" in r.stdout and reason in r.stdout
+    assert "last lines of run.log" in r.stdout
+    assert git(repo, "rev-parse", "HEAD") == base and read(repo) == base_text
+    assert results(repo)[-1][1:4] == ["0.000000", "0.0", "crash"]
+
+
+def test_nan_val_bpb_is_a_crash_even_with_exit_0(repo):
+    baseline(repo)
+    edit(repo, MODE="nan_exit0")
+    r = ar(repo, "run", "-m", "nan bpb")
+    assert r.returncode == 1 and "val_bpb is nan" in r.stdout
+
+
+def test_timeout_kills_the_whole_process_group(repo):
+    base = baseline(repo)
+    edit(repo, MODE="hang")
+    t0 = time.monotonic()
+    r = ar(repo, "run", "-m", "hangs", "--timeout", "2")
+    assert time.monotonic() - t0 < 15
+    assert r.returncode == 1 and "timed out" in r.stdout
+    child = int(read(repo, "fixture_child.pid"))
+    deadline = time.monotonic() + 5
+    while not process_gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert process_gone(child), "train.py's own child outlived the timeout"
+    assert git(repo, "rev-parse", "HEAD") == base
+
+
+def test_identical_train_py_is_not_rerun_unless_asked(repo):
+    baseline(repo)
+    r = ar(repo, "run", "-m", "same again")
+    assert r.returncode == 2 and "already run" in r.stderr
+    edit(repo, BPB=1.2)
+    ar(repo, "run", "-m", "worse")
+    edit(repo, BPB=1.2)  # the discarded idea again, by accident
+    assert ar(repo, "run", "-m", "worse again").returncode == 2
+    assert len(ledger(repo)) == 2
+    r = ar(repo, "run", "-m", "worse, on purpose", "--rerun")
+    assert r.returncode == 0 and len(ledger(repo)) == 3
+
+
+def test_committed_work_on_other_files_survives_a_discard(repo):
+    baseline(repo)
+    open(os.path.join(repo, "notes.md"), "a").write("committed idea list\n")
+    git(repo, "commit", "-qam", "notes")
+    notes_commit = git(repo, "rev-parse", "HEAD")
+    base_text = read(repo)
+    edit(repo, BPB=1.3)
+    assert ar(repo, "run", "-m", "worse").returncode == 0
+    assert read(repo) == base_text and "committed idea list" in read(repo, "notes.md")
+    assert git(repo, "merge-base", "--is-ancestor", notes_commit, "HEAD") == ""  # still on the branch
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+def test_baseline_crash_leaves_train_py_for_fixing(repo):
+    edit(repo, MODE="crash")
+    r = ar(repo, "run", "-m", "broken baseline")
+    assert r.returncode == 1 and "baseline crashed" in r.stdout
+    assert "MODE = 'crash'" in read(repo)
+    edit(repo, MODE="good")
+    r = ar(repo, "run", "-m", "fixed baseline")
+    assert r.returncode == 0 and "baseline" in r.stdout
+
+
+# ---------------------------------------------------------------------------
+# the noise gate
+
+def test_noise_gate_rejects_a_lucky_noop(repo):
+    edit(repo, NOISE=0.01)
+    git(repo, "commit", "-qam", "noisy fixture")
+    baseline(repo)
+    r = ar(repo, "noise", "-n", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    noise = json.load(open(os.path.join(repo, ".autoresearch", "noise.json")))[BRANCH]
+    assert len(noise["val_bpb"]) == 4 and noise["std"] > 0  # 3 noise seeds + the baseline's own run
+    margin = max(2 * noise["std"], gate.MARGIN_FLOOR)
+    best = noise["mean"]  # the baseline's reference value is the mean of all its runs
+
+    # a comment-only edit whose noise draw happens to beat the best, but by less than the margin
+    text = read(repo)
+    for i in range(2000):
+        extra = f"# no-op {i}\n"
+        gain = best - fixture_value(text + extra, 42)
+        if 0.2 * margin < gain < margin:
+            break
+    else:
+        pytest.fail("no suitable no-op found")
+    edit(repo, append=extra)
+    r = ar(repo, "run", "-m", "no-op that looks better")
+    assert r.returncode == 0 and "verdict:      discard" in r.stdout, r.stdout
+    assert "within the noise margin" in r.stdout
+    assert not os.path.exists(os.path.join(repo, "x")) and extra not in read(repo)  # reverted
+
+
+def test_borderline_candidate_is_confirmed_with_more_seeds(repo):
+    edit(repo, NOISE=0.01)
+    git(repo, "commit", "-qam", "noisy fixture")
+    baseline(repo)
+    assert ar(repo, "noise", "-n", "2").returncode == 0
+    noise = json.load(open(os.path.join(repo, ".autoresearch", "noise.json")))[BRANCH]
+    margin, best = max(2 * noise["std"], gate.MARGIN_FLOOR), noise["mean"]
+    text = read(repo)
+    for i in range(5000):
+        extra = f"# borderline {i}\n"
+        if margin < best - fixture_value(text + extra, 42) <= 2 * margin:
+            break
+    else:
+        pytest.fail("no borderline edit found")
+    edit(repo, append=extra)
+    r = ar(repo, "run", "-m", "borderline")
+    assert "confirming with 2 more seed(s)" in r.stdout
+    recs = ledger(repo)
+    confirms = [x for x in recs if x["kind"] == "confirm"]
+    assert [c["seed"] for c in confirms] == [43, 44]
+    run = recs[-1]
+    mean = (run["val_bpb"] + sum(c["val_bpb"] for c in confirms)) / 3
+    assert run["seeds_used"] == 3 and run["val_bpb_mean"] == pytest.approx(mean)
+    expected = "keep" if best - mean > gate.confirm_bar(margin, 3) else "discard"
+    assert run["verdict"] == expected
+    assert results(repo)[-1][1] == f"{mean:.6f}" and "[mean of 3 seeds]" in results(repo)[-1][4]
+
+
+def test_judge_rules():
+    assert gate.judge(1.0, None, 0.01)[0] == "keep"
+    assert gate.judge(0.97, 1.0, 0.01)[0] == "keep"
+    assert gate.judge(0.985, 1.0, 0.01)[0] == "borderline"
+    assert gate.judge(0.995, 1.0, 0.01)[0] == "discard"
+    assert gate.judge(1.005, 1.0, 0.01, simpler=True)[0] == "keep"
+    assert gate.judge(1.02, 1.0, 0.01, simpler=True)[0] == "discard"
+    assert gate.margin(None)[0] == gate.DEFAULT_MARGIN
+    assert gate.margin({"std": 0.0001})[0] == gate.MARGIN_FLOOR
+    assert gate.margin({"std": 0.01})[0] == pytest.approx(0.02)
+
+
+def test_parse_summary_takes_the_last_block():
+    text = "step 1\r step 2\n---\nval_bpb: 2.0\n---\nval_bpb:          0.997900\npeak_vram_mb:     45060.2\n" \
+           "depth:            8\nnote: not a number\n"
+    s = runner.parse_summary(text)
+    assert s == {"val_bpb": 0.9979, "peak_vram_mb": 45060.2, "depth": 8.0, "note": "not a number"}
+    assert runner.parse_summary("no summary") == {}
+
+
+# ---------------------------------------------------------------------------
+# signals and the lock
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_stops_child_and_leaves_state_consistent(repo, sig, code):
+    base = baseline(repo)
+    edited = edit(repo, MODE="hang")
+    proc = ar_start(repo, "run", "-m", "will be interrupted")
+    log = os.path.join(repo, "run.log")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (os.path.exists(log) and "hanging" in open(log).read()):
+        time.sleep(0.05)
+    assert "hanging" in open(log).read()
+
+    # the lock: a second command refuses at once
+    t0 = time.monotonic()
+    second = ar(repo, "run", "-m", "second", "--rerun")
+    assert second.returncode == 2 and "already running" in second.stderr
+    assert time.monotonic() - t0 < 10
+
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == code, out
+    assert "verdict:      interrupted" in out
+    child = int(read(repo, "fixture_child.pid"))
+    time.sleep(0.2)
+    assert process_gone(child)
+    assert git(repo, "rev-parse", "HEAD") == base          # candidate commit undone...
+    assert read(repo) == edited                             # ...but the edit is still there
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == "M train.py"
+    assert ledger(repo)[-1]["verdict"] == "interrupted" and results(repo)[-1][3] == "interrupted"
+    # and it can simply be run again (the interrupted run does not count as "already run")
+    edit(repo, MODE="good", BPB=0.8)
+    r = ar(repo, "run", "-m", "after interrupt")
+    assert r.returncode == 0 and "verdict:      keep" in r.stdout
+
+
+# ---------------------------------------------------------------------------
+# damaged files, status, plot
+
+def test_malformed_results_tsv_is_refused_not_damaged(repo):
+    baseline(repo)
+    path = os.path.join(repo, "results.tsv")
+    damaged = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\nabc1234 0.99 keep oops spaces not tabs\n"
+    open(path, "w").write(damaged)
+    edit(repo, BPB=0.9)
+    r = ar(repo, "run", "-m", "x")
+    assert r.returncode == 2 and "results.tsv: line 2" in r.stderr and "rebuild-tsv" in r.stderr
+    assert open(path).read() == damaged and "BPB = 0.9" in read(repo)
+    os.remove(path)
+    assert ar(repo, "rebuild-tsv").returncode == 0
+    assert [row[3] for row in results(repo)] == ["status", "keep"]
+
+
+def test_malformed_ledger_is_a_clear_error(repo):
+    baseline(repo)
+    open(os.path.join(repo, ".autoresearch", "ledger.jsonl"), "a").write("{not json\n")
+    r = ar(repo, "status")
+    assert r.returncode == 2 and "ledger.jsonl line 2" in r.stderr
+
+
+def test_status_counts_and_crash_hint(repo):
+    baseline(repo)
+    edit(repo, BPB=0.8)
+    ar(repo, "run", "-m", "better")
+    edit(repo, BPB=0.85)
+    ar(repo, "run", "-m", "worse")
+    for i in range(3):
+        edit(repo, MODE="crash", append=f"# attempt {i}\n")
+        assert ar(repo, "run", "-m", f"crash {i}").returncode == 1
+    r = ar(repo, "status")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "best:            0.800000" in out and "baseline:        1.000000" in out
+    assert "experiments:     6 (2 kept incl. baseline, 1 discarded, 3 crashed)" in out
+    assert "keep rate:       20%" in out and "experiments/hour" in out
+    assert "crashes in row:  3" in out and "hint:" in out
+
+
+def test_plot_writes_a_nonblank_png(repo):
+    import matplotlib.image
+
+    baseline(repo)
+    for i, (mode, bpb) in enumerate([("good", 0.9), ("good", 0.95), ("crash", 0.8), ("good", 0.85), ("good", 0.99)]):
+        edit(repo, MODE=mode, BPB=bpb, append=f"# {i}\n")
+        ar(repo, "run", "-m", f"idea {i}: bpb {bpb}")
+    r = ar(repo, "plot")
+    assert r.returncode == 0, r.stderr
+    png = os.path.join(repo, "progress.png")
+    img = matplotlib.image.imread(png)
+    assert img.shape[0] > 300 and img.shape[1] > 600
+    rgb = img[..., :3]
+    assert rgb.std() > 0.05 and (rgb.mean(axis=2) < 0.9).mean() > 0.01  # drawn on, not blank
+
+
+def test_help_texts_explain_the_gate():
+    r = subprocess.run([sys.executable, "-m", "autoresearch", "run", "--help"], capture_output=True, text=True,
+                       env=harness_env())
+    assert r.returncode == 0 and "margin" in r.stdout and "baseline" in r.stdout
+    for cmd in ("noise", "status", "plot"):
+        assert subprocess.run([sys.executable, "-m", "autoresearch", cmd, "--help"], capture_output=True,
+                              env=harness_env()).returncode == 0
