@@ -1,12 +1,13 @@
 """
-The `autoresearch` command: run | noise | status | plot | rebuild-tsv. `autoresearch <command> --help` says more.
+The `autoresearch` command: run | noise | status | plot | rebuild-tsv, and parallel mode: submit | wait | serve |
+stop. `autoresearch <command> --help` says more.
 """
 
 import argparse
 import os
 import sys
 
-from autoresearch import experiment, gate, gitops, ledger, runner
+from autoresearch import experiment, gate, gitops, ledger, runner, serve
 from autoresearch.gitops import Refusal
 from autoresearch.ledger import LedgerError
 
@@ -60,22 +61,63 @@ def _add_run_options(p):
                         "(default: $AUTORESEARCH_TIMEOUT, else budget + max(180, budget), i.e. 600 for 300)")
 
 
+SUBMIT_HELP = """\
+Parallel mode (needs Ray: `uv sync --extra parallel`). Snapshot train.py as a candidate commit on top of the
+current best (at refs/autoresearch/candidates/<id>; the branch does not move), restore train.py to the best and
+return at once with the candidate's id. Same refusals as `run`; a train.py already run or queued is refused
+unless --rerun.
+
+A coordinator (`autoresearch serve`, started in the background if none runs) runs queued candidates on one worker
+per GPU of the Ray cluster (or --workers CPU workers), with the same budget, timeout and crash handling as `run`,
+and judges each against the best kept result when it finishes. A kept candidate becomes the new best: the branch
+moves to it, or, if the best moved since it was submitted, to a new commit on top of the new best with the
+candidate's train.py (it replaces the file; it is not a merge). A worker that dies mid-run gets its candidate one
+retry, then a crash row. `autoresearch wait` prints verdicts, `status` shows the queue and workers.
+"""
+
+WAIT_HELP = """\
+Block until the next verdict(s) of submitted candidates and print them (each verdict is printed once; Ctrl-C
+loses nothing). Starts the coordinator if candidates are queued and none runs (resuming after a crash or a
+reboot). Then brings an unedited train.py to the new best.
+"""
+
+SERVE_HELP = """\
+The coordinator of parallel mode, normally started in the background by submit/wait (log in
+.autoresearch/serve.log). Holds the repository lock (so `run` and `noise` wait for it), starts or joins a Ray
+cluster, runs the queue (.autoresearch/queue.jsonl) and writes every verdict. Stops after --idle seconds without
+work, or on SIGTERM/`autoresearch stop` (running candidates go back to the queue).
+"""
+
+
+def _add_cluster_options(p):
+    p.add_argument("--address", default=os.environ.get("AUTORESEARCH_RAY_ADDRESS"),
+                   help="Ray cluster to join, e.g. 10.0.0.1:6379 (default: $AUTORESEARCH_RAY_ADDRESS, else "
+                        "$RAY_ADDRESS, else a local cluster on this machine)")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("AUTORESEARCH_WORKERS", 0)) or None,
+                   help="number of workers (default: $AUTORESEARCH_WORKERS, else one per GPU of the cluster, "
+                        "else 1 CPU worker)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="autoresearch", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{run,noise,status,plot,rebuild-tsv}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,noise,status,plot,rebuild-tsv,submit,wait,serve,stop}")
 
-    p = sub.add_parser("run", help="run one experiment: commit, train, judge, keep or revert", description=RUN_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--message", required=True, help="what you tried (commit message and results.tsv)")
-    _add_run_options(p)
-    p.add_argument("--confirm", type=int, default=gate.CONFIRM_SEEDS,
-                   help="extra seeds for a borderline candidate (default %(default)s; 0 keeps borderline ones unconfirmed)")
-    p.add_argument("--margin", type=float, default=None,
-                   help="fixed keep margin in val_bpb, instead of the one derived from the noise estimate")
-    p.add_argument("--simpler", action="store_true",
-                   help="this change simplifies the code: keep it unless it is worse than best by more than the margin")
-    p.add_argument("--rerun", action="store_true", help="run even if this exact train.py was already run")
+    for name, summary, text in (("run", "run one experiment: commit, train, judge, keep or revert", RUN_HELP),
+                                ("submit", "queue train.py as a candidate for parallel workers, return at once",
+                                 SUBMIT_HELP)):
+        p = sub.add_parser(name, help=summary, description=text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-m", "--message", required=True, help="what you tried (commit message and results.tsv)")
+        _add_run_options(p)
+        p.add_argument("--confirm", type=int, default=gate.CONFIRM_SEEDS,
+                       help="extra seeds for a borderline candidate (default %(default)s; 0 keeps borderline ones unconfirmed)")
+        p.add_argument("--margin", type=float, default=None,
+                       help="fixed keep margin in val_bpb, instead of the one derived from the noise estimate")
+        p.add_argument("--simpler", action="store_true",
+                       help="this change simplifies the code: keep it unless it is worse than best by more than the margin")
+        p.add_argument("--rerun", action="store_true", help="run even if this exact train.py was already run")
+        if name == "submit":
+            _add_cluster_options(p)
 
     p = sub.add_parser("noise", help="measure run-to-run noise of val_bpb on the current commit",
                        description=NOISE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +138,21 @@ def build_parser():
     sub.add_parser("rebuild-tsv", help="rewrite results.tsv from the ledger", description=(
         "Rewrite results.tsv from .autoresearch/ledger.jsonl (all branches, in run order), e.g. after it was "
         "damaged. The ledger is never modified."))
+
+    p = sub.add_parser("wait", help="print the next verdict(s) of submitted candidates", description=WAIT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--all", action="store_true", help="wait until the queue is empty, then print every new verdict")
+    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 0)")
+    _add_cluster_options(p)
+
+    p = sub.add_parser("serve", help="the parallel-mode coordinator (submit/wait start it for you)",
+                       description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_cluster_options(p)
+    p.add_argument("--idle", type=float, default=_env_float("AUTORESEARCH_IDLE", serve.IDLE_SECONDS),
+                   help="stop after this many seconds with an empty queue (default: $AUTORESEARCH_IDLE, else %(default)g)")
+
+    sub.add_parser("stop", help="stop the parallel-mode coordinator", description=(
+        "Stop `autoresearch serve` (SIGTERM): running candidates go back to the queue and run again next time."))
     return parser
 
 
@@ -106,15 +163,25 @@ def main(argv=None):
         parser.print_help()
         return experiment.EXIT_REFUSED
     try:
-        if args.command in ("run", "noise"):
+        if args.command in ("wait", "serve", "stop"):
+            from autoresearch import parallel
+            if args.command == "wait":
+                return parallel.wait(args.all, args.timeout, args.address, args.workers)
+            if args.command == "stop":
+                return parallel.stop()
+            return serve.serve(gitops.repo_root(), args.address, args.workers, args.idle)
+        if args.command in ("run", "noise", "submit"):
             if args.budget <= 0 or (args.timeout is not None and args.timeout <= 0):
                 raise Refusal("--budget and --timeout must be positive")
             opts = experiment.Options(seed=args.seed, budget=args.budget, timeout=args.timeout)
-            if args.command == "run":
+            if args.command in ("run", "submit"):
                 if not args.message.strip():
                     raise Refusal("-m needs a short description of what you tried")
                 opts.description, opts.confirm, opts.margin = args.message.strip(), args.confirm, args.margin
                 opts.simpler, opts.rerun = args.simpler, args.rerun
+                if args.command == "submit":
+                    from autoresearch import parallel
+                    return parallel.submit(opts, args.address, args.workers)
                 return experiment.run_experiment(opts)
             if args.runs < 1:
                 raise Refusal("-n must be at least 1")

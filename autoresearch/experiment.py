@@ -103,13 +103,18 @@ class Session:
                                 pass_fds=(self.lock.fd,), on_start=on_start)
 
     def record(self, kind, opts, result, seed, commit, content_hash, started, **extra):
-        rec = {"kind": kind, "branch": self.branch, "commit": commit, "content_hash": content_hash, "seed": seed,
-               "description": opts.description, "start_time": started, "wall_seconds": round(result.child_seconds, 3),
-               "budget": opts.budget, "timeout": opts.hard_timeout(), "returncode": result.returncode,
-               "timed_out": result.timed_out, "metrics": result.summary, "val_bpb": result.val_bpb,
-               "hardware": runner.hardware()}
-        rec.update(extra)
-        return rec
+        return make_record(kind, self.branch, opts, result, seed, commit, content_hash, started, **extra)
+
+
+def make_record(kind, branch, opts, result, seed, commit, content_hash, started, hardware=None, **extra):
+    """One ledger record of one train.py process (`hardware`: where it ran, if not on this machine)."""
+    rec = {"kind": kind, "branch": branch, "commit": commit, "content_hash": content_hash, "seed": seed,
+           "description": opts.description, "start_time": started, "wall_seconds": round(result.child_seconds, 3),
+           "budget": opts.budget, "timeout": opts.hard_timeout(), "returncode": result.returncode,
+           "timed_out": result.timed_out, "metrics": result.summary, "val_bpb": result.val_bpb,
+           "hardware": hardware or runner.hardware()}
+    rec.update(extra)
+    return rec
 
 
 def show_failure(result):
@@ -155,9 +160,7 @@ def run_experiment(opts):
                 verdict, reason = ("interrupted" if result.signal_name else "crash"), failure
             else:
                 values.append(result.val_bpb)
-                verdict, reason = gate.judge(result.val_bpb, best, m, opts.simpler)
-            if verdict == "borderline" and opts.confirm <= 0:
-                verdict, reason = "keep", reason + "; kept without confirmation (--confirm 0)"
+                verdict, reason = gate.first_look(result.val_bpb, best, m, opts.simpler, opts.confirm)
             if verdict == "borderline":
                 say(f"borderline (val_bpb {result.val_bpb:.6f}): confirming with {opts.confirm} more seed(s)")
                 for k in range(1, opts.confirm + 1):

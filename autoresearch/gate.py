@@ -86,6 +86,14 @@ def judge(val, best, m, simpler=False):
     return "discard", f"no improvement: {val:.6f} vs best {best:.6f}"
 
 
+def first_look(val, best, m, simpler=False, confirm=CONFIRM_SEEDS):
+    """judge(), where a borderline result is kept outright if no confirmation seeds are wanted (confirm 0)."""
+    verdict, reason = judge(val, best, m, simpler)
+    if verdict == "borderline" and confirm <= 0:
+        return "keep", reason + "; kept without confirmation (--confirm 0)"
+    return verdict, reason
+
+
 def confirm_bar(m, n):
     return m * math.sqrt((1 + 1 / n) / 2)
 

@@ -141,3 +141,37 @@ def undo_commit(root, candidate, base):
     git(root, "reset", "--quiet", "--soft", base)
     git(root, "reset", "--quiet", base, "--", TRAIN_FILE)  # unstage, keep the file's contents
     return True
+
+
+# ---------------------------------------------------------------------------
+# plumbing for parallel candidates: commits made without touching the working tree, index or HEAD
+
+def write_train_blob(root):
+    """Store the working tree's train.py in git's object database; returns its blob id."""
+    return git(root, "hash-object", "-w", "--", TRAIN_FILE)
+
+
+def blob_at(root, commit, path=TRAIN_FILE):
+    return git(root, "rev-parse", "--verify", "--quiet", f"{commit}:{path}", check=False) or None
+
+
+def commit_blob_on(root, parent, blob, message):
+    """A new commit on top of `parent`: its tree with train.py replaced by `blob`, nothing else changed.
+    Built in a private index, so the user's index, working tree and branch are left alone."""
+    env = {"GIT_INDEX_FILE": os.path.join(git(root, "rev-parse", "--absolute-git-dir"), "autoresearch-index")}
+    if not has_identity(root):
+        env.update(FALLBACK_IDENTITY)
+    git(root, "read-tree", parent, env=env)
+    git(root, "update-index", "--cacheinfo", f"100644,{blob},{TRAIN_FILE}", env=env)
+    tree = git(root, "write-tree", env=env)
+    return git(root, "commit-tree", tree, "-p", parent, "-m", message, env=env)
+
+
+def update_ref(root, ref, new, old=None):
+    """Move a ref, only if it still points at `old` (compare and swap). Returns False if it moved meanwhile."""
+    args = ["update-ref", "-m", "autoresearch", ref, new] + ([old] if old else [])
+    return subprocess.run(["git", *args], cwd=root, capture_output=True).returncode == 0
+
+
+def rev(root, ref):
+    return git(root, "rev-parse", "--verify", "--quiet", ref, check=False) or None

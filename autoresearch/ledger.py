@@ -70,8 +70,12 @@ def _clean(value):
     return value
 
 
+def dumps(record):
+    return json.dumps(_clean(record), sort_keys=True)
+
+
 def append_record(root, record):
-    append_line(os.path.join(state_dir(root), LEDGER_FILE), json.dumps(_clean(record), sort_keys=True))
+    append_line(os.path.join(state_dir(root), LEDGER_FILE), dumps(record))
 
 
 def read_ledger(root):

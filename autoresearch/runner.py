@@ -121,7 +121,17 @@ def _group_alive(pgid):
         return False
 
 
-def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, pass_fds=(), on_start=None):
+def _die_with_parent():
+    # Linux: SIGKILL train.py when the process that started it dies (a Ray worker killed mid-run)
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, pass_fds=(), on_start=None,
+              die_with_parent=False):
     """Run train.py to completion, timeout or stop request. `stop` is a callable returning a signal name once
     the harness has been asked to stop (Ctrl-C / SIGTERM)."""
     stream = stream or sys.stderr
@@ -136,7 +146,7 @@ def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, 
     # the terminal reaches only the harness, which then stops the group in order
     proc = subprocess.Popen([sys.executable, "train.py"], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                            pass_fds=pass_fds)
+                            pass_fds=pass_fds, preexec_fn=_die_with_parent if die_with_parent else None)
     if on_start:
         on_start(proc.pid)
 

@@ -2,7 +2,10 @@
 `autoresearch status`: where the branch stands, from the ledger alone (read-only, needs no lock).
 """
 
+import json
 import math
+import os
+import time
 from datetime import datetime
 
 from autoresearch import gate, gitops, ledger
@@ -94,6 +97,7 @@ def render(root, branch, n_last=LAST_RUNS):
                    "drop it and try something different; train.py is back at the kept commit.")
     if gitops.head(root) and gitops.train_changed(root):
         out.append("train.py:        modified, not yet run")
+    out += parallel_lines(root)
     out.append(f"last {min(n_last, len(s['last']))} experiments:")
     out.append(f"  {'#':>4}  {'commit':7}  {'val_bpb':>9}  {'status':11}  description")
     for r in s["last"][-n_last:]:
@@ -101,3 +105,34 @@ def render(root, branch, n_last=LAST_RUNS):
         val = _fmt(val) if r["verdict"] in ("keep", "discard") else "-"
         out.append(f"  {r.get('exp', ''):>4}  {short(r['commit']):7}  {val:>9}  {r['verdict']:11}  {r['description']}")
     return "\n".join(out)
+
+
+def parallel_lines(root):
+    """Parallel mode: the queue, and what each worker of the coordinator runs (from serve.json)."""
+    from autoresearch import candidates, serve  # parallel mode only
+    q = candidates.Queue(root)
+    if not q.candidates:
+        return []
+    pending = q.pending(candidates.finished_ids(ledger.read_ledger(root)))
+    waiting = [c for c in pending if not c["running"]]
+    out = [f"queue:           {len(waiting)} waiting, {len(pending) - len(waiting)} running"]
+    out += [f"  waiting  {c['id']:>5}  {short(c['commit'])}  {c['description']}" for c in waiting]
+    from autoresearch.parallel import is_serve, serve_info
+    try:
+        with open(os.path.join(root, ledger.STATE_DIR, serve.SERVE_FILE)) as f:
+            state = json.load(f)
+        if not is_serve(serve_info(root)):
+            raise OSError("serve.json left behind by a coordinator that was killed")
+    except (OSError, ValueError, KeyError):
+        if pending:
+            out.append("workers:         none (no coordinator running: `autoresearch wait` resumes the queue)")
+        return out
+    out.append(f"workers:         {len(state['workers'])} (serve pid {state['pid']}, "
+               f"cluster {state.get('address') or 'local'}, since {state['since']})")
+    for w in state["workers"]:
+        where = f"{w.get('node', '?')} " + (f"GPU {','.join(w['gpus'])}" if w.get("gpus") else "CPU")
+        job = w.get("job")
+        doing = (f"running {job['id']} seed {job['seed']} for {time.time() - (_time(job['since']) or time.time()):.0f} s: "
+                 f"{q.candidates[job['id']]['description']}" if job else w.get("state", "idle"))
+        out.append(f"  worker {w['index']}  {where:24}  {doing}")
+    return out
