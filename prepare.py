@@ -170,7 +170,22 @@ def load_fast_cpu_blas():
     return None
 
 
+def keep_freed_memory_in_heap():
+    """MLX's CPU backend allocates with malloc, and glibc maps every block over 32 MB fresh from the OS and
+    unmaps it on free, so each new (batch, seq, vocab) float32 buffer costs ~65k page faults. Keeping such
+    blocks in the heap made big elementwise ops ~7x faster and a CPU training step ~13% faster here."""
+    if sys.platform != "linux" or not _installed("mlx-cpu") or _installed("mlx-cuda-13") or _installed("mlx-cuda-12"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-4, 0)            # M_MMAP_MAX: never serve malloc with mmap
+        libc.mallopt(-1, 2**31 - 1)    # M_TRIM_THRESHOLD: keep freed memory for the next step
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 FAST_BLAS = load_fast_cpu_blas()
+keep_freed_memory_in_heap()
 import mlx.core as mx  # noqa: E402  (after the BLAS choice above)
 
 
@@ -210,7 +225,8 @@ def detect_hardware():
         return Hardware("metal", name, mem_gb, 30e12, "bfloat16", 4, batch, 2**16, EVAL_TOKENS, batch)
     # CPU: a tiny model in fp32 (bf16 matmuls have no fast CPU kernels). Peak: 32 fp32 FLOP/cycle/core at ~3 GHz.
     cores = os.cpu_count() or 1
-    return Hardware("cpu", name, mem_gb, cores * 32 * 3e9, "float32", 2, 4, 2**13, 2**17, 8)
+    # Batches of 2 rows: twice the optimizer steps in 5 minutes, which learned more than bigger batches here.
+    return Hardware("cpu", name, mem_gb, cores * 32 * 3e9, "float32", 2, 2, 2**12, 2**17, 8)
 
 
 HARDWARE = detect_hardware()

@@ -193,6 +193,7 @@ def test_killed_coordinator_and_interrupted_wait_lose_nothing(prepo):
 def test_borderline_candidate_is_confirmed_with_more_seeds(prepo):
     repo = prepo[0]
     submit(prepo, "baseline")
+    assert ar(prepo, "wait", "--all").returncode == 0  # the baseline must be judged first, or the candidate becomes it
     cid = submit(prepo, "a little better", "--margin", "0.05", BPB=0.93)  # gain 0.07: between margin and 2x
     r = ar(prepo, "wait", "--all")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,190 @@
+"""Tests for train.py: model unit tests in-process, and real (short) training runs as subprocesses."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+import prepare
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+                "total_tokens_M", "num_steps", "num_params_M", "depth"]
+VOCAB = 256
+
+
+def tiny_config(n_layer=2, window_pattern="SSSL", sequence_len=32):
+    return train.GPTConfig(vocab_size=VOCAB, sequence_len=sequence_len, n_layer=n_layer, n_head=2, head_dim=16,
+                           window_pattern=window_pattern)
+
+
+def tiny_model(**kwargs):
+    mx.random.seed(0)
+    model = train.GPT(tiny_config(**kwargs))
+    model.init_weights()
+    return model
+
+
+def run_train(script, cache, budget, eval_tokens, timeout=180):
+    env = dict(os.environ, AUTORESEARCH_CACHE=cache, AUTORESEARCH_TIME_BUDGET=str(budget),
+               AUTORESEARCH_EVAL_TOKENS=str(eval_tokens), PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, script], cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+                          timeout=timeout)
+
+
+def parse_summary(stdout):
+    assert "\n---\n" in stdout, stdout
+    summary = stdout.split("\n---\n", 1)[1]
+    values = dict(re.findall(r"^(\w+):\s+(\S+)$", summary, flags=re.MULTILINE))
+    assert list(values) == SUMMARY_KEYS, summary
+    return {key: float(value) for key, value in values.items()}
+
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+def test_importing_train_has_no_side_effects():
+    assert train.__name__ == "train" and hasattr(train, "main")
+
+
+def test_output_shapes():
+    model = tiny_model()
+    idx = mx.random.randint(0, VOCAB, (3, 32))
+    assert model(idx).shape == (3, 32, VOCAB)
+    loss = model(idx, targets=idx)
+    assert loss.shape == () and loss.dtype == mx.float32
+    per_token = model(idx, targets=idx, reduction="none")
+    assert per_token.shape == (3, 32) and per_token.dtype == mx.float32
+    assert abs(per_token.mean().item() - loss.item()) < 1e-4
+
+
+def test_untrained_loss_is_near_uniform():
+    model = tiny_model()
+    idx = mx.random.randint(0, VOCAB, (4, 32))
+    assert abs(model(idx, targets=idx).item() - math.log(VOCAB)) < 0.1
+
+
+def test_logits_are_softcapped():
+    model = tiny_model()
+    model.lm_head.weight = 100 * model.lm_head.weight  # large logits
+    logits = model(mx.random.randint(0, VOCAB, (2, 32)))
+    assert mx.abs(logits).max().item() <= train.LOGIT_SOFTCAP
+
+
+def test_window_pattern_and_value_embeddings():
+    config = tiny_config(n_layer=6)
+    short, full = config.sequence_len // 2, config.sequence_len
+    assert train.window_sizes(config) == [short, short, short, full, short, full]  # SSSL SS, last forced to L
+    has_ve = [train.has_value_embedding(i, 6) for i in range(6)]
+    assert has_ve == [False, True, False, True, False, True]  # alternating, last layer included
+    model = train.GPT(config)
+    assert ["value_embed" in block for block in model.blocks] == has_ve
+
+
+def test_model_dim_rounds_up_to_whole_heads():
+    config = train.config_for_depth(3, aspect_ratio=64, head_dim=128)
+    assert config.n_embd == 256 and config.n_head == 2
+
+
+def test_sliding_window_limits_attention():
+    window, T = 4, 16
+    mx.random.seed(0)
+    attn = train.CausalSelfAttention(tiny_config(), layer=0)
+    for linear in (attn.c_q, attn.c_k, attn.c_v, attn.c_proj):
+        linear.weight = mx.random.normal(linear.weight.shape) * 0.2
+    x = mx.random.normal((1, T, attn.n_head * attn.head_dim))
+    x_changed = mx.concatenate([x[:, :1] + 1.0, x[:, 1:]], axis=1)  # change token 0 only
+    mask = train.sliding_window_mask(T, window)
+    diff = mx.abs(attn(x, None, mask) - attn(x_changed, None, mask)).max(axis=-1)[0]
+    assert (diff[:window] > 1e-4).all().item()  # positions that see token 0 change...
+    assert (diff[window:] == 0).all().item()  # ...and the ones beyond the window do not
+    # a full causal window sees token 0 everywhere
+    diff_full = mx.abs(attn(x, None, "causal") - attn(x_changed, None, "causal")).max(axis=-1)[0]
+    assert (diff_full > 1e-4).all().item()
+
+
+def test_model_is_causal():
+    model = tiny_model()
+    for block in model.blocks:  # zero-initialised projections would hide any leak
+        block.attn.c_proj.weight = mx.random.normal(block.attn.c_proj.weight.shape) * 0.1
+    idx = mx.random.randint(0, VOCAB, (1, 32))
+    changed = mx.concatenate([idx[:, :20], (idx[:, 20:] + 1) % VOCAB], axis=1)
+    assert mx.allclose(model(idx)[:, :20], model(changed)[:, :20], atol=1e-5).item()
+
+
+def test_optimizer_steps_lower_the_loss():
+    model = tiny_model()
+    optimizer = train.AdamW(model)
+    idx = mx.random.randint(0, VOCAB, (2, 32))
+
+    def loss_of(params):
+        model.update(params)
+        return model(idx, idx)
+    losses = []
+    for _ in range(3):
+        params = model.trainable_parameters()
+        loss, grads = mx.value_and_grad(loss_of)(params)
+        model.update(params)
+        optimizer.update(model, grads, 1.0)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_lr_schedule():
+    assert train.lr_multiplier(0.0) == pytest.approx(1.0 if train.WARMUP_RATIO == 0 else 0.0, abs=1e-6)
+    assert train.lr_multiplier(1.0) == pytest.approx(train.FINAL_LR_FRAC)
+    assert train.lr_multiplier(0.99) < train.lr_multiplier(1 - train.WARMDOWN_RATIO)
+
+
+def untrained_val_bpb():
+    """val_bpb of an untrained full-vocabulary model on the first rows of the validation shard."""
+    mx.random.seed(0)
+    model = train.GPT(train.GPTConfig(n_layer=1, n_head=1, head_dim=32))
+    model.init_weights()
+    return prepare.evaluate_bpb(model, prepare.Tokenizer.from_directory(), 2)
+
+
+def test_untrained_val_bpb_matches_uniform_prediction(use_cache, monkeypatch):
+    """An untrained model predicts ~uniformly: val_bpb ~ log2(vocab) / (bytes per token) ~ 3.5 here."""
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 2 * prepare.MAX_SEQ_LEN)
+    assert abs(untrained_val_bpb() - math.log2(prepare.VOCAB_SIZE) / 3.7) < 0.2
+
+# ---------------------------------------------------------------------------
+# End to end: train.py as the agent runs it
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_short_training_run_learns(prepared_cache):
+    result = run_train(os.path.join(ROOT, "train.py"), prepared_cache, budget=15, eval_tokens=8 * prepare.MAX_SEQ_LEN)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "Time budget: 15s" in out
+    losses = [float(v) for v in re.findall(r"^step \d+ \| loss ([\d.]+)", out, flags=re.MULTILINE)]
+    assert len(losses) >= 2 and losses[-1] < losses[0], out
+    summary = parse_summary(out)
+    assert all(math.isfinite(v) for v in summary.values()), summary
+    assert summary["depth"] == train.DEPTH and summary["num_steps"] > train.UNTIMED_STEPS
+    # an untrained model scores ~ln(vocab) nats per token: log2(vocab) / 3.7 bytes per token ~ 3.5 bits per byte
+    assert summary["val_bpb"] < math.log2(prepare.VOCAB_SIZE) / 3.7 - 0.3, summary
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_run(prepared_cache, tmp_path):
+    source = Path(ROOT, "train.py").read_text()
+    broken, count = re.subn(r"^MATRIX_LR = .*$", "MATRIX_LR = float('nan')", source, flags=re.MULTILINE)
+    assert count == 1
+    script = tmp_path / "train.py"
+    script.write_text(broken)
+    result = run_train(str(script), prepared_cache, budget=30, eval_tokens=prepare.MAX_SEQ_LEN)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert re.search(r"^error: loss is nan at step \d+", out, flags=re.MULTILINE), out
+    assert "\n---\n" not in result.stdout and "val_bpb:" not in out

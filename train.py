@@ -1,0 +1,393 @@
+"""
+Pretrain a small GPT on MLX for a fixed wall-clock budget, then report val_bpb.
+This is the one file the agent edits. Usage: uv run train.py
+"""
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+# prepare must come before mlx: on Linux CPU it loads a fast BLAS that MLX can only pick up at import.
+from prepare import (HARDWARE, MAX_SEQ_LEN, SEED, TIME_BUDGET, VOCAB_SIZE, Tokenizer, describe_hardware,
+                     evaluate_bpb, make_dataloader)
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+# ---------------------------------------------------------------------------
+# Hyperparameters (hardware-dependent defaults come from prepare.HARDWARE)
+# ---------------------------------------------------------------------------
+
+# Model
+DEPTH = HARDWARE.depth
+ASPECT_RATIO = 64            # model_dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
+HEAD_DIM = 128
+WINDOW_PATTERN = "SSSL"      # per layer, cycled: S = half the context, L = all of it; the last layer is always L
+VALUE_EMBED_GATE_CHANNELS = 32
+LOGIT_SOFTCAP = 15.0
+COMPUTE_DTYPE = getattr(mx, HARDWARE.compute_dtype)  # activations and matmuls; parameters stay float32
+
+# Optimization: AdamW, one learning rate per parameter group
+DEVICE_BATCH_SIZE = HARDWARE.device_batch_size  # rows of MAX_SEQ_LEN per forward/backward
+TOTAL_BATCH_SIZE = HARDWARE.total_batch_size    # tokens per optimizer step
+EMBEDDING_LR = 0.6           # token and value embeddings
+UNEMBEDDING_LR = 0.004       # lm_head
+MATRIX_LR = 0.004            # attention and MLP weights
+SCALAR_LR = 0.5              # x0 lambdas (the residual lambdas get 1% of it)
+WEIGHT_DECAY = 0.0           # decoupled, on matrices only
+ADAM_BETAS = (0.8, 0.95)
+ADAM_EPS = 1e-10
+WARMUP_RATIO = 0.0           # fractions of the time budget
+WARMDOWN_RATIO = 0.5
+FINAL_LR_FRAC = 0.0
+
+# Bookkeeping
+UNTIMED_STEPS = 2            # the first steps compile the graphs: not counted in the time budget
+LOG_EVERY_SECONDS = 5.0
+MAX_LOSS = 100.0             # a loss above this (or not finite) stops the run
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = VOCAB_SIZE
+    sequence_len: int = MAX_SEQ_LEN
+    n_layer: int = DEPTH
+    n_head: int = 1
+    head_dim: int = HEAD_DIM
+    window_pattern: str = WINDOW_PATTERN
+
+    @property
+    def n_embd(self):
+        return self.n_head * self.head_dim
+
+
+def config_for_depth(depth, aspect_ratio=ASPECT_RATIO, head_dim=HEAD_DIM):
+    model_dim = -(-depth * aspect_ratio // head_dim) * head_dim  # round up to whole heads
+    return GPTConfig(n_layer=depth, n_head=model_dim // head_dim, head_dim=head_dim)
+
+
+def norm(x):
+    return mx.fast.rms_norm(x, None, 1e-6)  # no learned weight
+
+
+def has_value_embedding(layer, n_layer):
+    return layer % 2 == (n_layer - 1) % 2  # alternating layers, the last one included
+
+
+def window_sizes(config):
+    sizes = {"S": config.sequence_len // 2, "L": config.sequence_len}
+    windows = [sizes[config.window_pattern[i % len(config.window_pattern)]] for i in range(config.n_layer)]
+    windows[-1] = sizes["L"]
+    return windows
+
+
+def sliding_window_mask(T, window):
+    """Boolean (T, T) mask: query i sees keys j with i - window < j <= i."""
+    i, j = mx.arange(T)[:, None], mx.arange(T)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+class Linear(nn.Module):
+    """y = x W^T without bias; float32 weight, cast to the activations' dtype."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.weight = mx.zeros((out_dim, in_dim))
+
+    def __call__(self, x):
+        return x @ self.weight.astype(x.dtype).T
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab_size, dim):
+        super().__init__()
+        self.weight = mx.zeros((vocab_size, dim))
+
+    def __call__(self, idx):
+        return self.weight[idx].astype(COMPUTE_DTYPE)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        dim = config.n_embd
+        self.c_q, self.c_k, self.c_v = Linear(dim, dim), Linear(dim, dim), Linear(dim, dim)
+        self.c_proj = Linear(dim, dim)
+        if has_value_embedding(layer, config.n_layer):
+            self.ve_gate = Linear(VALUE_EMBED_GATE_CHANNELS, config.n_head)
+
+    def __call__(self, x, value_embedding, mask):
+        B, T, C = x.shape
+        heads = lambda t: t.reshape(B, T, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = heads(self.c_q(x)), heads(self.c_k(x)), heads(self.c_v(x))
+        if value_embedding is not None:
+            # input-dependent gate in (0, 2), exactly 1 at init: how much of the token's value embedding to add
+            gate = 2 * mx.sigmoid(self.ve_gate(x[..., :VALUE_EMBED_GATE_CHANNELS]))  # (B, T, n_head)
+            v = v + gate.transpose(0, 2, 1)[..., None] * heads(value_embedding)
+        q = mx.fast.rope(norm(q), self.head_dim, traditional=False, base=10000.0, scale=1.0, offset=0)
+        k = mx.fast.rope(norm(k), self.head_dim, traditional=False, base=10000.0, scale=1.0, offset=0)
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask)
+        return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def __call__(self, x):
+        return self.c_proj(mx.square(nn.relu(self.c_fc(x))))  # ReLU^2
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config)
+        if has_value_embedding(layer, config.n_layer):
+            self.value_embed = Embedding(config.vocab_size, config.n_embd)
+
+    def __call__(self, x, idx, mask):
+        value_embedding = self.value_embed(idx) if "value_embed" in self else None
+        x = x + self.attn(norm(x), value_embedding, mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = Embedding(config.vocab_size, config.n_embd)
+        self.blocks = [Block(config, i) for i in range(config.n_layer)]
+        self.lm_head = Linear(config.n_embd, config.vocab_size)  # untied from wte
+        self.resid_lambdas = mx.ones((config.n_layer,))
+        self.x0_lambdas = mx.full((config.n_layer,), 0.1)
+        self.windows = window_sizes(config)
+
+    def init_weights(self):
+        dim = self.config.n_embd
+        bound = math.sqrt(3) / math.sqrt(dim)  # uniform with std 1/sqrt(dim)
+        uniform = lambda p: mx.random.uniform(-bound, bound, p.shape)
+        self.wte.weight = mx.random.normal(self.wte.weight.shape)  # std 1, normed right after
+        self.lm_head.weight = 0.001 * mx.random.normal(self.lm_head.weight.shape)  # small: uniform first predictions
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                linear.weight = uniform(linear.weight)
+            # zero output projections: every block starts as the identity
+            block.attn.c_proj.weight = mx.zeros_like(block.attn.c_proj.weight)
+            block.mlp.c_proj.weight = mx.zeros_like(block.mlp.c_proj.weight)
+            if "value_embed" in block:
+                block.value_embed.weight = uniform(block.value_embed.weight)
+                block.attn.ve_gate.weight = mx.zeros_like(block.attn.ve_gate.weight)
+
+    def __call__(self, idx, targets=None, reduction="mean"):
+        T = idx.shape[1]
+        x = x0 = norm(self.wte(idx))
+        for i, block in enumerate(self.blocks):
+            # learned mix of the residual stream and the embedding, per layer
+            x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
+            # full windows use the attention kernels' own causal mask; short ones an explicit mask
+            mask = "causal" if self.windows[i] >= T else sliding_window_mask(T, self.windows[i])
+            x = block(x, idx, mask)
+        logits = self.lm_head(norm(x)).astype(mx.float32)
+        logits = LOGIT_SOFTCAP * mx.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        # cross-entropy in nats, float32
+        losses = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return losses if reduction == "none" else losses.mean()
+
+    def num_params(self):
+        return sum(p.size for _, p in tree_flatten(self.parameters()))
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per matmul weight (embedding lookups are free) plus attention's
+        QK^T and AV, 12 * dim * window per layer (counted over the full window, causal or not)."""
+        embedding_params = sum(p.size for name, p in tree_flatten(self.parameters()) if is_embedding(name))
+        attention = sum(12 * self.config.n_embd * min(w, self.config.sequence_len) for w in self.windows)
+        return 6 * (self.num_params() - embedding_params) + attention
+
+# ---------------------------------------------------------------------------
+# Optimizer: AdamW with a learning rate per parameter group, float32 state
+# ---------------------------------------------------------------------------
+
+
+def is_embedding(name):
+    return name.startswith("wte.") or name.endswith("value_embed.weight")
+
+
+def parameter_groups(model):
+    """Name -> (learning rate, weight decay) for every parameter."""
+    lr_scale = (model.config.n_embd / 768) ** -0.5  # embedding LRs were tuned at width 768
+    groups = {}
+    for name, _ in tree_flatten(model.parameters()):
+        if is_embedding(name):
+            groups[name] = (EMBEDDING_LR * lr_scale, 0.0)
+        elif name.startswith("lm_head."):
+            groups[name] = (UNEMBEDDING_LR * lr_scale, 0.0)
+        elif name == "resid_lambdas":
+            groups[name] = (SCALAR_LR * 0.01, 0.0)
+        elif name == "x0_lambdas":
+            groups[name] = (SCALAR_LR, 0.0)
+        else:
+            groups[name] = (MATRIX_LR, WEIGHT_DECAY)
+    return groups
+
+
+class AdamW:
+    def __init__(self, model):
+        self.groups = parameter_groups(model)
+        params = tree_flatten(model.parameters())
+        self.state = {"step": mx.array(0.0),
+                      "m": {name: mx.zeros(p.shape, mx.float32) for name, p in params},
+                      "v": {name: mx.zeros(p.shape, mx.float32) for name, p in params}}
+
+    def update(self, model, grads, lr_multiplier):
+        beta1, beta2 = ADAM_BETAS
+        step = self.state["step"] = self.state["step"] + 1
+        grads = dict(tree_flatten(grads))
+        updated = []
+        for name, p in tree_flatten(model.parameters()):
+            g = grads[name].astype(mx.float32)
+            m = self.state["m"][name] = beta1 * self.state["m"][name] + (1 - beta1) * g
+            v = self.state["v"][name] = beta2 * self.state["v"][name] + (1 - beta2) * mx.square(g)
+            lr, weight_decay = self.groups[name]
+            lr = lr * lr_multiplier
+            update = (m / (1 - beta1 ** step)) / (mx.sqrt(v / (1 - beta2 ** step)) + ADAM_EPS)
+            updated.append((name, (p * (1 - lr * weight_decay) - lr * update).astype(p.dtype)))
+        model.update(tree_unflatten(updated))
+
+
+def lr_multiplier(progress):
+    """Warmup, constant, then a linear warmdown to FINAL_LR_FRAC; progress = training time / budget."""
+    if progress < WARMUP_RATIO:
+        return (progress + 1e-8) / WARMUP_RATIO
+    if progress < 1 - WARMDOWN_RATIO:
+        return 1.0
+    cooldown = (1 - progress) / WARMDOWN_RATIO
+    return cooldown + (1 - cooldown) * FINAL_LR_FRAC
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+def check_loss(loss, step):
+    if not math.isfinite(loss) or loss > MAX_LOSS:
+        print(f"error: loss is {loss} at step {step} (not finite or above {MAX_LOSS}), stopping. "
+              "Lower the learning rates or undo the last change.", flush=True)
+        sys.exit(1)
+
+
+def main():
+    t_script = time.time()
+    print(f"Hardware: {describe_hardware()}")
+    print(f"Time budget: {TIME_BUDGET:g}s")
+    mx.random.seed(SEED)
+    tokens_per_micro_step = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+    assert TOTAL_BATCH_SIZE % tokens_per_micro_step == 0, \
+        f"TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN = {tokens_per_micro_step}"
+    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_micro_step
+
+    config = config_for_depth(DEPTH)
+    model = GPT(config)
+    model.init_weights()
+    optimizer = AdamW(model)
+    mx.eval(model.parameters(), optimizer.state)
+    num_params, flops_per_token = model.num_params(), model.flops_per_token()
+    print(f"Model: depth {config.n_layer}, dim {config.n_embd}, {config.n_head} heads of {config.head_dim}, "
+          f"windows {model.windows}, {num_params / 1e6:.2f}M params, {COMPUTE_DTYPE}")
+    print(f"Batch: {TOTAL_BATCH_SIZE} tokens per step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows x {MAX_SEQ_LEN}")
+
+    tokenizer = Tokenizer.from_directory()
+    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", seed=SEED)
+
+    # Two compiled graphs: forward+backward of one micro-batch, and the optimizer update with the model
+    # and optimizer state captured (updated in place). Micro-batch gradients are summed in between.
+    def loss_and_grad(x, y):
+        params = model.trainable_parameters()
+
+        def loss_of(p):
+            model.update(p)
+            return model(x, y)
+        loss, grads = mx.value_and_grad(loss_of)(params)
+        model.update(params)  # put back the arrays that differentiation swapped in
+        return loss, grads
+    micro_step = mx.compile(loss_and_grad, inputs=model.state)
+    state = [model.state, optimizer.state]
+
+    def update(grads, lr_mult):
+        optimizer.update(model, tree_map(lambda g: g / grad_accum_steps, grads), lr_mult)
+    optimizer_step = mx.compile(update, inputs=state, outputs=state)
+
+    def train_step(lrm):
+        """One optimizer step; returns its mean loss, still lazy (nothing here waits for the device)."""
+        loss, grads = 0.0, None
+        for _ in range(grad_accum_steps):
+            x, y, _ = next(train_loader)
+            micro_loss, micro_grads = micro_step(x, y)
+            loss = loss + micro_loss
+            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+            mx.async_eval(loss, grads)
+        optimizer_step(grads, mx.array(lrm, dtype=mx.float32))
+        mx.async_eval(model.parameters(), optimizer.state)
+        return loss / grad_accum_steps
+
+    step, training_time, t_start = 0, 0.0, None
+    unread = []  # (step, loss) dispatched but not read back yet
+    smooth_loss, last_log = 0.0, (0.0, UNTIMED_STEPS)  # (training_time, step) at the last progress line
+    while training_time < TIME_BUDGET:
+        lrm = lr_multiplier(training_time / TIME_BUDGET)
+        unread.append((step, train_step(lrm)))
+        # Read losses one step late: the device starts the next step while the host waits for this one.
+        # The compile steps are read at once, so that the clock starts after them.
+        while len(unread) > (1 if step >= UNTIMED_STEPS else 0):
+            loss_step, loss = unread.pop(0)
+            loss = loss.item()
+            check_loss(loss, loss_step)
+            smooth_loss = 0.9 * smooth_loss + 0.1 * loss
+            debiased_loss = smooth_loss / (1 - 0.9 ** (loss_step + 1))
+        step += 1
+        if step == UNTIMED_STEPS:
+            t_start = time.time()
+            print(f"Startup: {t_start - t_script:.1f}s (data, compile, {UNTIMED_STEPS} untimed steps)", flush=True)
+        if t_start is not None:
+            training_time = time.time() - t_start
+        if step == UNTIMED_STEPS or training_time - last_log[0] >= LOG_EVERY_SECONDS or training_time >= TIME_BUDGET:
+            tok_per_s = (step - last_log[1]) * TOTAL_BATCH_SIZE / max(training_time - last_log[0], 1e-9)
+            mfu = 100 * flops_per_token * tok_per_s / HARDWARE.peak_flops
+            print(f"step {step:05d} | loss {debiased_loss:.4f} | lrm {lrm:.2f} | {tok_per_s:,.0f} tok/s | "
+                  f"mfu {mfu:.2f}% | remaining {max(0.0, TIME_BUDGET - training_time):.0f}s", flush=True)
+            last_log = (training_time, step)
+    for loss_step, loss in unread:
+        check_loss(loss.item(), loss_step)
+    training_time = time.time() - t_start
+
+    # total_tokens_M and mfu count the timed steps only, not the compile steps
+    timed_tokens = (step - UNTIMED_STEPS) * TOTAL_BATCH_SIZE
+    eval_forward = mx.compile(lambda x, y: model(x, y, reduction="none"), inputs=model.state)
+    t_eval = time.time()
+    val_bpb = evaluate_bpb(lambda idx, targets, reduction: eval_forward(idx, targets), tokenizer,
+                           HARDWARE.eval_batch_size)
+    print(f"Eval: {time.time() - t_eval:.1f}s", flush=True)
+    print("---")
+    print(f"val_bpb:          {val_bpb:.6f}")
+    print(f"training_seconds: {training_time:.1f}")
+    print(f"total_seconds:    {time.time() - t_script:.1f}")
+    print(f"peak_vram_mb:     {mx.get_peak_memory() / 1024**2:.1f}")
+    print(f"mfu_percent:      {100 * flops_per_token * timed_tokens / training_time / HARDWARE.peak_flops:.2f}")
+    print(f"total_tokens_M:   {timed_tokens / 1e6:.1f}")
+    print(f"num_steps:        {step}")
+    print(f"num_params_M:     {num_params / 1e6:.1f}")
+    print(f"depth:            {DEPTH}")
+
+
+if __name__ == "__main__":
+    main()
