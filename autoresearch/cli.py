@@ -58,7 +58,7 @@ def _add_run_options(p):
                    help="training seconds, passed as AUTORESEARCH_TIME_BUDGET (default: that variable, else 300)")
     p.add_argument("--timeout", type=float, default=_env_float("AUTORESEARCH_TIMEOUT", None),
                    help="hard wall-clock limit per train.py run in seconds; the whole process group is killed "
-                        "(default: $AUTORESEARCH_TIMEOUT, else budget + max(180, budget), i.e. 600 for 300)")
+                        "(default: $AUTORESEARCH_TIMEOUT, else budget + max(300, budget), i.e. 600 for 300)")
 
 
 SUBMIT_HELP = """\

@@ -82,12 +82,12 @@ def run_result(event):
 
 
 class Coordinator:
-    def __init__(self, root, ray, n_workers, use_gpus):
+    def __init__(self, root, ray, n_workers, gpus_per_worker):
         self.root, self.ray = root, ray
         self.queue = Queue(root)
         self.queue.forget_running()
         self.done = candidates.finished_ids(ledger.read_ledger(root))
-        opts = {"num_gpus": 1} if use_gpus else {"num_cpus": 1}
+        opts = {"num_gpus": gpus_per_worker} if gpus_per_worker else {"num_cpus": 1}
         self.actor_class = ray.remote(Worker).options(**opts)
         self.workers = [self.new_worker(i) for i in range(n_workers)]
         self.inflight = {}  # object ref -> worker
@@ -309,7 +309,8 @@ def serve(root, address=None, workers=None, idle=IDLE_SECONDS):
             gpus = int(ray.cluster_resources().get("GPU", 0))
             n = workers or gpus or 1
             log(f"serving {root}: {n} {'GPU' if gpus else 'CPU'} worker(s), cluster {ray.cluster_resources()}")
-            coordinator = Coordinator(root, ray, n, use_gpus=gpus > 0)
+            # more workers than GPUs (--workers): they share the GPUs, each asking Ray for a fraction of one
+            coordinator = Coordinator(root, ray, n, gpus_per_worker=min(1.0, gpus / n) if gpus else 0)
             with StopSignals() as stop:
                 coordinator.loop(stop, idle, address)
         finally:
