@@ -211,6 +211,10 @@ def _system_memory_gb():
 
 
 def detect_hardware():
+    if _installed("mlx-cpu") and (_installed("mlx-cuda-13") or _installed("mlx-cuda-12")):
+        # both ship mlx/lib/libmlx.so: whichever was installed last wins, often silently the CPU one
+        print("warning: MLX's CPU and CUDA builds are both installed (a plain `uv run` or `uv sync` re-adds the CPU "
+              "build). Reinstall with `uv sync --extra cuda --no-group cpu` and set UV_NO_SYNC=1.", file=sys.stderr)
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     name = str(info.get("device_name", platform.processor() or "unknown"))
     mem_gb = float(info.get("memory_size") or info.get("total_memory") or 0) / 1024**3 or _system_memory_gb()
