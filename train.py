@@ -24,6 +24,8 @@ DEPTH = HARDWARE.depth
 ASPECT_RATIO = 64            # model_dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
 HEAD_DIM = 128
 WINDOW_PATTERN = "SSSL"      # per layer, cycled: S = half the context, L = all of it; the last layer is always L
+SHORT_WINDOW = "sliding"     # S layers: "sliding" (each token sees the window before it; a T x T mask) or
+                             # "chunked" (tokens see their own window-sized chunk: fused causal kernel, faster)
 VALUE_EMBED_GATE_CHANNELS = 32
 LOGIT_SOFTCAP = 15.0
 COMPUTE_DTYPE = getattr(mx, HARDWARE.compute_dtype)  # activations and matmuls; parameters stay float32
@@ -122,7 +124,7 @@ class CausalSelfAttention(nn.Module):
         if has_value_embedding(layer, config.n_layer):
             self.ve_gate = Linear(VALUE_EMBED_GATE_CHANNELS, config.n_head)
 
-    def __call__(self, x, value_embedding, mask):
+    def __call__(self, x, value_embedding, mask, chunk=None):
         B, T, C = x.shape
         heads = lambda t: t.reshape(B, T, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
         q, k, v = heads(self.c_q(x)), heads(self.c_k(x)), heads(self.c_v(x))
@@ -132,7 +134,12 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.transpose(0, 2, 1)[..., None] * heads(value_embedding)
         q = mx.fast.rope(norm(q), self.head_dim, traditional=False, base=10000.0, scale=1.0, offset=0)
         k = mx.fast.rope(norm(k), self.head_dim, traditional=False, base=10000.0, scale=1.0, offset=0)
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask)
+        if chunk:  # chunked attention: fold the chunks into the batch, causal inside each chunk
+            fold = lambda t: t.reshape(B, self.n_head, T // chunk, chunk, -1).transpose(0, 2, 1, 3, 4).reshape(B * T // chunk, self.n_head, chunk, -1)  # noqa: E731
+            y = mx.fast.scaled_dot_product_attention(fold(q), fold(k), fold(v), scale=self.head_dim ** -0.5, mask=mask)
+            y = y.reshape(B, T // chunk, self.n_head, chunk, -1).transpose(0, 2, 1, 3, 4).reshape(B, self.n_head, T, -1)
+        else:
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask)
         return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, C))
 
 
@@ -154,9 +161,9 @@ class Block(nn.Module):
         if has_value_embedding(layer, config.n_layer):
             self.value_embed = Embedding(config.vocab_size, config.n_embd)
 
-    def __call__(self, x, idx, mask):
+    def __call__(self, x, idx, mask, chunk=None):
         value_embedding = self.value_embed(idx) if "value_embed" in self else None
-        x = x + self.attn(norm(x), value_embedding, mask)
+        x = x + self.attn(norm(x), value_embedding, mask, chunk)
         return x + self.mlp(norm(x))
 
 
@@ -193,9 +200,12 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             # learned mix of the residual stream and the embedding, per layer
             x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
-            # full windows use the attention kernels' own causal mask; short ones an explicit mask
-            mask = "causal" if self.windows[i] >= T else sliding_window_mask(T, self.windows[i])
-            x = block(x, idx, mask)
+            # full windows and chunks use the attention kernels' own causal mask; sliding ones an explicit mask
+            window, chunk = self.windows[i], None
+            if window < T and SHORT_WINDOW == "chunked" and T % window == 0:
+                chunk = window
+            mask = sliding_window_mask(T, window) if window < T and not chunk else "causal"
+            x = block(x, idx, mask, chunk)
         logits = self.lm_head(norm(x)).astype(mx.float32)
         logits = LOGIT_SOFTCAP * mx.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:

@@ -78,6 +78,19 @@ def test_logits_are_softcapped():
     assert mx.abs(logits).max().item() <= train.LOGIT_SOFTCAP
 
 
+def test_chunked_attention_is_causal_within_each_chunk():
+    chunk, T = 4, 16
+    mx.random.seed(0)
+    attn = train.CausalSelfAttention(tiny_config(), layer=0)
+    for linear in (attn.c_q, attn.c_k, attn.c_v, attn.c_proj):
+        linear.weight = mx.random.normal(linear.weight.shape) * 0.2
+    x = mx.random.normal((2, T, attn.n_head * attn.head_dim))
+    y = attn(x, None, "causal", chunk)
+    for c in range(T // chunk):  # each chunk alone, as its own sequence, gives the same output
+        part = x[:, c * chunk:(c + 1) * chunk]
+        assert mx.allclose(y[:, c * chunk:(c + 1) * chunk], attn(part, None, "causal"), atol=1e-5).item()
+
+
 def test_window_pattern_and_value_embeddings():
     config = tiny_config(n_layer=6)
     short, full = config.sequence_len // 2, config.sequence_len
