@@ -139,6 +139,11 @@ def _fast_blas_candidates():
     return [path for path in found if path]
 
 
+def _mlx_cpu_build():
+    """True when MLX's Linux CPU build is installed and no CUDA build is (decided without importing mlx)."""
+    return _installed("mlx-cpu") and not (_installed("mlx-cuda-13") or _installed("mlx-cuda-12"))
+
+
 def load_fast_cpu_blas():
     """Make MLX's CPU matmuls use a fast BLAS; returns the library's path, or None.
 
@@ -151,7 +156,7 @@ def load_fast_cpu_blas():
         return None
     # Metal and CUDA builds do their matmuls on the GPU. Decided from package metadata, as importing
     # mlx to ask for its default device would make the load below too late.
-    if not _installed("mlx-cpu") or _installed("mlx-cuda-13") or _installed("mlx-cuda-12"):
+    if not _mlx_cpu_build():
         return None
     if "mlx.core" in sys.modules:
         print("fast BLAS: not loaded, mlx.core was imported first (import prepare before mlx)")
@@ -174,7 +179,7 @@ def keep_freed_memory_in_heap():
     """MLX's CPU backend allocates with malloc, and glibc maps every block over 32 MB fresh from the OS and
     unmaps it on free, so each new (batch, seq, vocab) float32 buffer costs ~65k page faults. Keeping such
     blocks in the heap made big elementwise ops ~7x faster and a CPU training step ~13% faster here."""
-    if sys.platform != "linux" or not _installed("mlx-cpu") or _installed("mlx-cuda-13") or _installed("mlx-cuda-12"):
+    if sys.platform != "linux" or not _mlx_cpu_build():
         return
     try:
         libc = ctypes.CDLL(None)
@@ -211,7 +216,7 @@ def _system_memory_gb():
 
 
 def detect_hardware():
-    if _installed("mlx-cpu") and (_installed("mlx-cuda-13") or _installed("mlx-cuda-12")):
+    if _installed("mlx-cpu") and not _mlx_cpu_build():
         # both ship mlx/lib/libmlx.so: whichever was installed last wins, often silently the CPU one
         print("warning: MLX's CPU and CUDA builds are both installed (a plain `uv run` or `uv sync` re-adds the CPU "
               "build). Reinstall with `uv sync --extra cuda --no-group cpu` and set UV_NO_SYNC=1.", file=sys.stderr)

@@ -78,12 +78,18 @@ def test_logits_are_softcapped():
     assert mx.abs(logits).max().item() <= train.LOGIT_SOFTCAP
 
 
-def test_chunked_attention_is_causal_within_each_chunk():
-    chunk, T = 4, 16
+def random_attention():
+    """An attention layer with random weights (init zeroes c_proj, which would hide everything)."""
     mx.random.seed(0)
     attn = train.CausalSelfAttention(tiny_config(), layer=0)
     for linear in (attn.c_q, attn.c_k, attn.c_v, attn.c_proj):
         linear.weight = mx.random.normal(linear.weight.shape) * 0.2
+    return attn
+
+
+def test_chunked_attention_is_causal_within_each_chunk():
+    chunk, T = 4, 16
+    attn = random_attention()
     x = mx.random.normal((2, T, attn.n_head * attn.head_dim))
     y = attn(x, None, "causal", chunk)
     for c in range(T // chunk):  # each chunk alone, as its own sequence, gives the same output
@@ -108,10 +114,7 @@ def test_model_dim_rounds_up_to_whole_heads():
 
 def test_sliding_window_limits_attention():
     window, T = 4, 16
-    mx.random.seed(0)
-    attn = train.CausalSelfAttention(tiny_config(), layer=0)
-    for linear in (attn.c_q, attn.c_k, attn.c_v, attn.c_proj):
-        linear.weight = mx.random.normal(linear.weight.shape) * 0.2
+    attn = random_attention()
     x = mx.random.normal((1, T, attn.n_head * attn.head_dim))
     x_changed = mx.concatenate([x[:, :1] + 1.0, x[:, 1:]], axis=1)  # change token 0 only
     mask = train.sliding_window_mask(T, window)
