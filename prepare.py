@@ -402,23 +402,23 @@ def import_local_corpus(source):
             train.append(doc)
             shard_chars += len(doc)
             if shard_chars >= LOCAL_SHARD_CHARS:
-                staged.append((shard_index, train))
+                staged.append((shard_index, len(train)))  # counts only: a big corpus must not stay in memory
                 _write_shard(shard_path(shard_index) + ".staged", train)
                 train, shard_chars, shard_index = [], 0, shard_index + 1
         if train:
-            staged.append((shard_index, train))
+            staged.append((shard_index, len(train)))
             _write_shard(shard_path(shard_index) + ".staged", train)
         if not staged or not val:
             raise PrepareError(f"corpus {path} is too small: {n_docs} non-empty document(s); need at least 2 "
                                "(one for training, one for validation), and in practice a few MB of text")
-        claim_data_source({"source": "local", "path": path, "sha256": digest.hexdigest()})
+        claim_data_source({"source": "local", "sha256": digest.hexdigest()})  # content, not path: caches can move
         _write_shard(shard_path(VAL_SHARD), val)
         for index, _ in staged:
             os.replace(shard_path(index) + ".staged", shard_path(index))
     finally:
         for leftover in glob.glob(os.path.join(data_dir(), "*.staged")):
             os.remove(leftover)
-    n_train = sum(len(d) for _, d in staged)
+    n_train = sum(n for _, n in staged)
     print(f"Data: {n_docs} documents from {path}: {n_train} for training in {len(staged)} shard(s), "
           f"{len(val)} held out for validation ({val_chars:,} chars)")
 
