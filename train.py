@@ -35,7 +35,10 @@ DEVICE_BATCH_SIZE = HARDWARE.device_batch_size  # rows of MAX_SEQ_LEN per forwar
 TOTAL_BATCH_SIZE = HARDWARE.total_batch_size    # tokens per optimizer step
 EMBEDDING_LR = 0.6           # token and value embeddings
 UNEMBEDDING_LR = 0.004       # lm_head
-MATRIX_LR = 0.004            # attention and MLP weights
+MATRIX_LR = 0.004            # attention and MLP weights (AdamW)
+MATRIX_OPTIMIZER = "adamw"   # block matrices: "adamw", or "muon" (orthogonalised momentum via Newton-Schulz)
+MUON_LR = 0.02
+MUON_MOMENTUM = 0.95
 SCALAR_LR = 0.5              # x0 lambdas (the residual lambdas get 1% of it)
 WEIGHT_DECAY = 0.0           # decoupled, on matrices only
 ADAM_BETAS = (0.8, 0.95)
@@ -234,30 +237,48 @@ def is_embedding(name):
 
 
 def parameter_groups(model):
-    """Name -> (learning rate, weight decay) for every parameter."""
+    """Name -> (learning rate, weight decay, "adamw" or "muon") for every parameter."""
     lr_scale = (model.config.n_embd / 768) ** -0.5  # embedding LRs were tuned at width 768
     groups = {}
     for name, _ in tree_flatten(model.parameters()):
         if is_embedding(name):
-            groups[name] = (EMBEDDING_LR * lr_scale, 0.0)
+            groups[name] = (EMBEDDING_LR * lr_scale, 0.0, "adamw")
         elif name.startswith("lm_head."):
-            groups[name] = (UNEMBEDDING_LR * lr_scale, 0.0)
+            groups[name] = (UNEMBEDDING_LR * lr_scale, 0.0, "adamw")
         elif name == "resid_lambdas":
-            groups[name] = (SCALAR_LR * 0.01, 0.0)
+            groups[name] = (SCALAR_LR * 0.01, 0.0, "adamw")
         elif name == "x0_lambdas":
-            groups[name] = (SCALAR_LR, 0.0)
+            groups[name] = (SCALAR_LR, 0.0, "adamw")
+        elif MATRIX_OPTIMIZER == "muon":
+            groups[name] = (MUON_LR, WEIGHT_DECAY, "muon")
         else:
-            groups[name] = (MATRIX_LR, WEIGHT_DECAY)
+            groups[name] = (MATRIX_LR, WEIGHT_DECAY, "adamw")
     return groups
 
 
+def orthogonalize(g, steps=5):
+    """Newton-Schulz iteration towards the nearest semi-orthogonal matrix (Muon's update direction). The
+    quintic's coefficients trade exactness for speed: singular values land near 1, not exactly on it."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.astype(COMPUTE_DTYPE)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / (mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)))) + 1e-7).astype(x.dtype)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return (x.T if tall else x).astype(mx.float32)
+
+
 class AdamW:
+    """AdamW for every parameter, or Muon for the block matrices (MATRIX_OPTIMIZER); float32 state."""
+
     def __init__(self, model):
         self.groups = parameter_groups(model)
         params = tree_flatten(model.parameters())
         self.state = {"step": mx.array(0.0),
                       "m": {name: mx.zeros(p.shape, mx.float32) for name, p in params},
-                      "v": {name: mx.zeros(p.shape, mx.float32) for name, p in params}}
+                      "v": {name: mx.zeros(p.shape, mx.float32) for name, p in params if self.groups[name][2] == "adamw"}}
 
     def update(self, model, grads, lr_multiplier):
         beta1, beta2 = ADAM_BETAS
@@ -266,11 +287,16 @@ class AdamW:
         updated = []
         for name, p in tree_flatten(model.parameters()):
             g = grads[name].astype(mx.float32)
-            m = self.state["m"][name] = beta1 * self.state["m"][name] + (1 - beta1) * g
-            v = self.state["v"][name] = beta2 * self.state["v"][name] + (1 - beta2) * mx.square(g)
-            lr, weight_decay = self.groups[name]
+            lr, weight_decay, kind = self.groups[name]
             lr = lr * lr_multiplier
-            update = (m / (1 - beta1 ** step)) / (mx.sqrt(v / (1 - beta2 ** step)) + ADAM_EPS)
+            if kind == "muon":
+                m = self.state["m"][name] = MUON_MOMENTUM * self.state["m"][name] + g
+                rows, cols = p.shape
+                update = orthogonalize(g + MUON_MOMENTUM * m) * max(1.0, rows / cols) ** 0.5  # Nesterov momentum
+            else:
+                m = self.state["m"][name] = beta1 * self.state["m"][name] + (1 - beta1) * g
+                v = self.state["v"][name] = beta2 * self.state["v"][name] + (1 - beta2) * mx.square(g)
+                update = (m / (1 - beta1 ** step)) / (mx.sqrt(v / (1 - beta2 ** step)) + ADAM_EPS)
             updated.append((name, (p * (1 - lr * weight_decay) - lr * update).astype(p.dtype)))
         model.update(tree_unflatten(updated))
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 import prepare
@@ -135,9 +136,13 @@ def test_model_is_causal():
     assert mx.allclose(model(idx)[:, :20], model(changed)[:, :20], atol=1e-5).item()
 
 
-def test_optimizer_steps_lower_the_loss():
+@pytest.mark.parametrize("matrix_optimizer", ["adamw", "muon"])
+def test_optimizer_steps_lower_the_loss(monkeypatch, matrix_optimizer):
+    monkeypatch.setattr(train, "MATRIX_OPTIMIZER", matrix_optimizer)
     model = tiny_model()
     optimizer = train.AdamW(model)
+    kinds = {kind for _, _, kind in optimizer.groups.values()}
+    assert kinds == {"adamw", matrix_optimizer}
     idx = mx.random.randint(0, VOCAB, (2, 32))
 
     def loss_of(params):
@@ -151,6 +156,14 @@ def test_optimizer_steps_lower_the_loss():
         optimizer.update(model, grads, 1.0)
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
+
+
+def test_orthogonalize_sets_singular_values_near_one():
+    mx.random.seed(0)
+    for shape in [(64, 16), (16, 64)]:  # tall and wide
+        g = mx.random.normal(shape) * mx.linspace(0.1, 10, shape[1])  # condition number ~100
+        s = np.linalg.svd(np.array(train.orthogonalize(g)), compute_uv=False)
+        assert 0.5 < s.min() and s.max() < 1.3  # the quintic lands near 1, not exactly on it
 
 
 def test_lr_schedule():
