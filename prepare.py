@@ -35,6 +35,7 @@ import time
 from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -434,7 +435,7 @@ def claim_data_source(source):
                 f"the cache {cache_dir()} already holds another corpus ({current}).\n"
                 "Use another --cache-dir (or AUTORESEARCH_CACHE), or rerun with --force to replace it.")
         return
-    write_atomic(manifest, lambda tmp: open(tmp, "w").write(json.dumps(source)))
+    write_atomic(manifest, lambda tmp: Path(tmp).write_text(json.dumps(source)))
 
 
 def clear_cache():
@@ -491,8 +492,8 @@ def train_tokenizer():
         pass
     os.makedirs(tokenizer_dir(), exist_ok=True)
     t0 = time.time()
-    text_bytes = sum(pq.ParquetFile(p).metadata.row_group(g).column(0).total_uncompressed_size
-                     for p in list_shards("train") for g in range(pq.ParquetFile(p).num_row_groups))
+    metas = [pq.ParquetFile(p).metadata for p in list_shards("train")]
+    text_bytes = sum(m.row_group(g).column(0).total_uncompressed_size for m in metas for g in range(m.num_row_groups))
     total = min(TOKENIZER_MAX_CHARS, text_bytes)  # an estimate: bytes ~ chars, before the per-document cap
     with tqdm(total=total, desc="Tokenizer", unit="char", unit_scale=True) as progress:
         bpe = rustbpe.Tokenizer()
@@ -502,17 +503,21 @@ def train_tokenizer():
     if len(ranks) != VOCAB_SIZE - len(SPECIAL_TOKENS):
         raise PrepareError(f"the corpus is too small for a {VOCAB_SIZE}-token vocabulary: BPE ran out of merges "
                            f"at {len(ranks)} tokens. Use more text.")
-    token_bytes = np.array([len(t) for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])] + [0] * len(SPECIAL_TOKENS), dtype=np.int32)
+    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
+    token_bytes = np.array([len(t) for t, _ in by_rank] + [0] * len(SPECIAL_TOKENS), dtype=np.int32)
     meta = {"vocab_size": VOCAB_SIZE, "pattern": bpe.get_pattern(), "special_tokens": SPECIAL_TOKENS, "source": source}
 
     def write_ranks(tmp):
         with open(tmp, "w") as f:
-            for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-                f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+            f.writelines(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in by_rank)
+
+    def write_token_bytes(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temp name
+            np.save(f, token_bytes)
     write_atomic(os.path.join(tokenizer_dir(), "tokenizer.tiktoken"), write_ranks)
-    write_atomic(os.path.join(tokenizer_dir(), "token_bytes.npy"), lambda tmp: np.save(open(tmp, "wb"), token_bytes))
+    write_atomic(os.path.join(tokenizer_dir(), "token_bytes.npy"), write_token_bytes)
     # the meta file goes last: its presence marks a complete tokenizer
-    write_atomic(os.path.join(tokenizer_dir(), "tokenizer.json"), lambda tmp: open(tmp, "w").write(json.dumps(meta)))
+    write_atomic(os.path.join(tokenizer_dir(), "tokenizer.json"), lambda tmp: Path(tmp).write_text(json.dumps(meta)))
     tok = Tokenizer.from_directory()
     sample = "Hello world! Numbers: 123. Unicode: héllo 你好"
     assert tok.decode(tok.encode(sample)) == sample, "tokenizer round trip failed"
