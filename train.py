@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 # prepare must come before mlx: on Linux CPU it loads a fast BLAS that MLX can only pick up at import.
 from prepare import (HARDWARE, MAX_SEQ_LEN, SEED, TIME_BUDGET, VOCAB_SIZE, Tokenizer, describe_hardware,
-                     evaluate_bpb, make_dataloader)
+                     evaluate_bpb, make_dataloader, norm_rotary, softcap_cross_entropy)
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
@@ -24,8 +24,9 @@ DEPTH = HARDWARE.depth
 ASPECT_RATIO = 64            # model_dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
 HEAD_DIM = 128
 WINDOW_PATTERN = "SSSL"      # per layer, cycled: S = half the context, L = all of it; the last layer is always L
-SHORT_WINDOW = "sliding"     # S layers: "sliding" (each token sees the window before it; a T x T mask) or
-                             # "chunked" (tokens see their own window-sized chunk: fused causal kernel, faster)
+SHORT_WINDOW = "sliding"     # S layers: "sliding" (each token sees the `window` tokens up to itself) or
+                             # "chunked" (tokens see only their own window-sized chunk: one fused causal call, faster)
+SLIDING_BLOCK = 512          # sliding windows attend in query blocks of this size, each against the keys in its reach
 VALUE_EMBED_GATE_CHANNELS = 32
 LOGIT_SOFTCAP = 15.0
 COMPUTE_DTYPE = getattr(mx, HARDWARE.compute_dtype)  # activations and matmuls; parameters stay float32
@@ -91,10 +92,40 @@ def window_sizes(config):
     return windows
 
 
-def sliding_window_mask(T, window):
-    """Boolean (T, T) mask: query i sees keys j with i - window < j <= i."""
-    i, j = mx.arange(T)[:, None], mx.arange(T)[None, :]
-    return (j <= i) & (j > i - window)
+def attention(q, k, v, window):
+    """Causal attention of (B, T, H, D) queries, keys and values, each query seeing at most `window` keys
+    (itself included); returns (B, T, H, D). The kernels take (B, H, T, D) views of the same memory."""
+    T, scale = q.shape[1], q.shape[-1] ** -0.5
+
+    def sdpa(q, k, v, mask):
+        heads = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
+        return heads(mx.fast.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=scale, mask=mask))
+
+    if window >= T:
+        return sdpa(q, k, v, "causal")
+    if SHORT_WINDOW == "chunked" and T % window == 0:
+        B, _, H, D = q.shape
+        fold = lambda t: t.reshape(B * T // window, window, H, D)  # noqa: E731  (chunks into the batch)
+        return sdpa(fold(q), fold(k), fold(v), "causal").reshape(B, T, H, D)
+    # Sliding window without a T x T mask, whose kernel would do (and differentiate) all T x T scores: the
+    # first `window` queries see every key before them; each later block of queries gets the window+block
+    # keys in its reach and one small band mask (query i sees block key j iff i < j <= i + window).
+    block = SLIDING_BLOCK
+    i, j = mx.arange(block)[:, None], mx.arange(window + block)[None, :]
+    band = (j > i) & (j <= i + window)
+    outputs = [sdpa(q[:, :window], k[:, :window], v[:, :window], "causal")]
+    for start in range(window, T, block):
+        end = min(start + block, T)
+        keys = slice(start - window, end)
+        outputs.append(sdpa(q[:, start:end], k[:, keys], v[:, keys], band[:end - start, :end - start + window]))
+    return mx.concatenate(outputs, axis=1)
+
+
+def rotary_tables(T, head_dim, base=10000.0):
+    """cos and sin (T, head_dim / 2) of the rotary embedding's angles, position t times base^(-i / (head_dim / 2))."""
+    inv_freq = base ** (-mx.arange(head_dim // 2, dtype=mx.float32) / (head_dim // 2))
+    angles = mx.arange(T, dtype=mx.float32)[:, None] * inv_freq[None, :]
+    return mx.cos(angles), mx.sin(angles)
 
 
 class Linear(nn.Module):
@@ -127,23 +158,18 @@ class CausalSelfAttention(nn.Module):
         if has_value_embedding(layer, config.n_layer):
             self.ve_gate = Linear(VALUE_EMBED_GATE_CHANNELS, config.n_head)
 
-    def __call__(self, x, value_embedding, mask, chunk=None):
+    def __call__(self, x, value_embedding, window, rope_tables):
         B, T, C = x.shape
-        heads = lambda t: t.reshape(B, T, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
-        q, k, v = heads(self.c_q(x)), heads(self.c_k(x)), heads(self.c_v(x))
+        # one matmul for q, k and v; everything stays (B, T, heads, head_dim), which needs no transposed copies
+        w_qkv = mx.concatenate([self.c_q.weight, self.c_k.weight, self.c_v.weight]).astype(x.dtype)
+        qkv = (x @ w_qkv.T).reshape(B, T, 3, self.n_head, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if value_embedding is not None:
             # input-dependent gate in (0, 2), exactly 1 at init: how much of the token's value embedding to add
             gate = 2 * mx.sigmoid(self.ve_gate(x[..., :VALUE_EMBED_GATE_CHANNELS]))  # (B, T, n_head)
-            v = v + gate.transpose(0, 2, 1)[..., None] * heads(value_embedding)
-        q = mx.fast.rope(norm(q), self.head_dim, traditional=False, base=10000.0, scale=1.0, offset=0)
-        k = mx.fast.rope(norm(k), self.head_dim, traditional=False, base=10000.0, scale=1.0, offset=0)
-        if chunk:  # chunked attention: fold the chunks into the batch, causal inside each chunk
-            fold = lambda t: t.reshape(B, self.n_head, T // chunk, chunk, -1).transpose(0, 2, 1, 3, 4).reshape(B * T // chunk, self.n_head, chunk, -1)  # noqa: E731
-            y = mx.fast.scaled_dot_product_attention(fold(q), fold(k), fold(v), scale=self.head_dim ** -0.5, mask=mask)
-            y = y.reshape(B, T // chunk, self.n_head, chunk, -1).transpose(0, 2, 1, 3, 4).reshape(B, self.n_head, T, -1)
-        else:
-            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask)
-        return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, C))
+            v = v + gate[..., None] * value_embedding.reshape(B, T, self.n_head, self.head_dim)
+        q, k = norm_rotary(q, *rope_tables), norm_rotary(k, *rope_tables)  # QK norm, then rotary embedding
+        return self.c_proj(attention(q, k, v, window).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -164,9 +190,9 @@ class Block(nn.Module):
         if has_value_embedding(layer, config.n_layer):
             self.value_embed = Embedding(config.vocab_size, config.n_embd)
 
-    def __call__(self, x, idx, mask, chunk=None):
+    def __call__(self, x, idx, window, rope_tables):
         value_embedding = self.value_embed(idx) if "value_embed" in self else None
-        x = x + self.attn(norm(x), value_embedding, mask, chunk)
+        x = x + self.attn(norm(x), value_embedding, window, rope_tables)
         return x + self.mlp(norm(x))
 
 
@@ -198,23 +224,17 @@ class GPT(nn.Module):
                 block.attn.ve_gate.weight = mx.zeros_like(block.attn.ve_gate.weight)
 
     def __call__(self, idx, targets=None, reduction="mean"):
-        T = idx.shape[1]
+        rope_tables = rotary_tables(idx.shape[1], self.config.head_dim)
         x = x0 = norm(self.wte(idx))
         for i, block in enumerate(self.blocks):
             # learned mix of the residual stream and the embedding, per layer
             x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
-            # full windows and chunks use the attention kernels' own causal mask; sliding ones an explicit mask
-            window, chunk = self.windows[i], None
-            if window < T and SHORT_WINDOW == "chunked" and T % window == 0:
-                chunk = window
-            mask = sliding_window_mask(T, window) if window < T and not chunk else "causal"
-            x = block(x, idx, mask, chunk)
-        logits = self.lm_head(norm(x)).astype(mx.float32)
-        logits = LOGIT_SOFTCAP * mx.tanh(logits / LOGIT_SOFTCAP)
+            x = block(x, idx, self.windows[i], rope_tables)
+        logits = self.lm_head(norm(x))
         if targets is None:
-            return logits
-        # cross-entropy in nats, float32
-        losses = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+            return LOGIT_SOFTCAP * mx.tanh(logits.astype(mx.float32) / LOGIT_SOFTCAP)
+        # cross-entropy in nats of the softcapped logits, LOGIT_SOFTCAP * tanh(logits / LOGIT_SOFTCAP), in float32
+        losses = softcap_cross_entropy(logits, targets, LOGIT_SOFTCAP)
         return losses if reduction == "none" else losses.mean()
 
     def num_params(self):

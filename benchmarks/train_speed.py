@@ -4,6 +4,7 @@ current train.py and for the original autoresearch configuration, each run as it
 
     uv run python benchmarks/train_speed.py                        # configs for the detected backend
     uv run python benchmarks/train_speed.py --budget 60 --set WINDOW_PATTERN='"L"'   # try a lever
+    uv run python benchmarks/train_speed.py --script old_train.py   # another version of train.py, side by side
     AUTORESEARCH_CACHE=DIR ...                                     # any prepared cache (--source sample works)
 
 Each config is train.py with some constants replaced (by name, in a temporary copy beside it), run for
@@ -36,9 +37,9 @@ def with_constants(source, overrides):
     return source
 
 
-def run_config(overrides, budget, eval_tokens, timeout):
-    """Run a copy of train.py with `overrides`; returns the parsed numbers (or the error)."""
-    with open(os.path.join(ROOT, "train.py")) as f:
+def run_config(overrides, budget, eval_tokens, timeout, script="train.py"):
+    """Run a copy of `script` (train.py) with `overrides`; returns the parsed numbers (or the error)."""
+    with open(os.path.join(ROOT, script)) as f:
         source = with_constants(f.read(), overrides)
     with tempfile.NamedTemporaryFile("w", suffix=".py", prefix="bench_train_", dir=ROOT, delete=False) as f:
         f.write(source)
@@ -74,6 +75,8 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override a train.py constant in every config (repeatable)")
     parser.add_argument("--only", choices=["train.py", "original"], help="run one config")
+    parser.add_argument("--script", default="train.py", help="the training script to measure, e.g. an older copy of "
+                        "train.py (default: train.py)")
     args = parser.parse_args()
 
     sys.path.insert(0, ROOT)
@@ -89,7 +92,7 @@ def main():
     for name, overrides in configs.items():
         label = name + (" (CPU scale)" if on_cpu and name == "original" else "")
         print(f"running {label} for {budget:g}s{' with ' + str(extra) if extra else ''} ...", file=sys.stderr, flush=True)
-        rows.append((label, run_config(overrides, budget, args.eval_tokens, timeout=budget + 900)))
+        rows.append((label, run_config(overrides, budget, args.eval_tokens, timeout=budget + 900, script=args.script)))
 
     print(f"\n| config | backend | device | tok/s | step ms | MFU % | peak GB | startup s |")
     print("|---|---|---|---|---|---|---|---|")

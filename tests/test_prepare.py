@@ -295,3 +295,81 @@ def test_fast_blas_loader(setting):
         assert "openblas" in lib
     else:
         assert "no fast BLAS" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Fused loss
+# ---------------------------------------------------------------------------
+
+def reference_softcap_loss(logits, targets, cap):
+    capped = cap * mx.tanh(logits.astype(mx.float32) / cap)
+    return mx.logsumexp(capped, axis=-1) - mx.take_along_axis(capped, targets[..., None], axis=-1)[..., 0]
+
+
+def softcap_inputs(dtype, vocab=1000):
+    mx.random.seed(3)
+    logits = (8 * mx.random.normal((3, 7, vocab))).astype(dtype)  # large enough for the softcap to bend them
+    return logits, mx.random.randint(0, vocab, (3, 7))
+
+
+def check_softcap_loss_and_gradient(dtype, atol):
+    logits, targets = softcap_inputs(dtype)
+    loss = prepare.softcap_cross_entropy(logits, targets, 15.0)
+    assert loss.shape == targets.shape and loss.dtype == mx.float32
+    assert mx.allclose(loss, reference_softcap_loss(logits, targets, 15.0), atol=atol).item()
+    weights = mx.random.uniform(shape=targets.shape)  # a cotangent that differs per row
+    grad = mx.grad(lambda x: (prepare.softcap_cross_entropy(x, targets, 15.0) * weights).sum())(logits)
+    expected = mx.grad(lambda x: (reference_softcap_loss(x, targets, 15.0) * weights).sum())(logits)
+    assert grad.dtype == logits.dtype
+    assert mx.allclose(grad.astype(mx.float32), expected.astype(mx.float32), atol=atol).item()
+
+
+def test_softcap_cross_entropy_matches_the_formula():
+    check_softcap_loss_and_gradient(mx.float32, atol=1e-4)
+
+
+@pytest.mark.skipif(prepare.HARDWARE.backend != "cuda", reason="the fused kernel is CUDA only")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_softcap_cross_entropy_cuda_kernel(dtype):
+    check_softcap_loss_and_gradient(dtype, atol=1e-4 if dtype == mx.float32 else 2e-2)
+    compiled = mx.compile(lambda x, t: prepare.softcap_cross_entropy(x, t, 15.0))
+    logits, targets = softcap_inputs(dtype)
+    assert mx.allclose(compiled(logits, targets), reference_softcap_loss(logits, targets, 15.0), atol=1e-3).item()
+
+
+def reference_norm_rotary(x):
+    """mx.fast.rope wants (B, H, T, D)."""
+    normed = mx.fast.rms_norm(x.astype(mx.float32), None, 1e-6).transpose(0, 2, 1, 3)
+    return mx.fast.rope(normed, x.shape[-1], traditional=False, base=10000.0, scale=1.0, offset=0).transpose(0, 2, 1, 3)
+
+
+def rotary_inputs(dtype, D=128):
+    mx.random.seed(4)
+    qkv = (3 * mx.random.normal((2, 16, 3, 2, D))).astype(dtype)  # (B, T, q/k/v, H, D), as train.py slices it
+    half = D // 2
+    angles = mx.arange(16, dtype=mx.float32)[:, None] * 10000.0 ** (-mx.arange(half, dtype=mx.float32) / half)
+    return qkv[:, :, 1], mx.cos(angles), mx.sin(angles)
+
+
+def check_norm_rotary(dtype, atol):
+    x, cos, sin = rotary_inputs(dtype)
+    out = prepare.norm_rotary(x, cos, sin)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert mx.allclose(out.astype(mx.float32), reference_norm_rotary(x), atol=atol).item()
+    weights = mx.random.normal(x.shape)
+    grad = mx.grad(lambda x: (prepare.norm_rotary(x, cos, sin).astype(mx.float32) * weights).sum())(x)
+    expected = mx.grad(lambda x: (reference_norm_rotary(x) * weights).sum())(x)
+    assert mx.allclose(grad.astype(mx.float32), expected.astype(mx.float32), atol=atol).item()
+
+
+def test_norm_rotary_is_rms_norm_then_rope():
+    check_norm_rotary(mx.float32, atol=1e-4)
+
+
+@pytest.mark.skipif(prepare.HARDWARE.backend != "cuda", reason="the fused kernel is CUDA only")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_norm_rotary_cuda_kernel(dtype):
+    check_norm_rotary(dtype, atol=1e-4 if dtype == mx.float32 else 5e-2)
+    x, cos, sin = rotary_inputs(dtype)
+    compiled = mx.compile(lambda x: prepare.norm_rotary(x, cos, sin))
+    assert mx.allclose(compiled(x).astype(mx.float32), reference_norm_rotary(x), atol=5e-2).item()

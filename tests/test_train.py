@@ -88,14 +88,31 @@ def random_attention():
     return attn
 
 
-def test_chunked_attention_is_causal_within_each_chunk():
+def attend(attn, x, window):
+    return attn(x, None, window, train.rotary_tables(x.shape[1], attn.head_dim))
+
+
+@pytest.mark.parametrize("window,block", [(8, 8), (8, 3), (5, 4), (16, 4), (32, 4)])
+def test_blocked_sliding_window_equals_the_masked_one(monkeypatch, window, block):
+    monkeypatch.setattr(train, "SLIDING_BLOCK", block)
+    B, T, H, D = 2, 24, 2, 8
+    q, k, v = (mx.random.normal((B, T, H, D)) for _ in range(3))
+    i, j = mx.arange(T)[:, None], mx.arange(T)[None, :]
+    mask = (j <= i) & (j > i - window)  # query i sees keys i - window < j <= i
+    heads = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
+    expected = mx.fast.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=D ** -0.5, mask=mask)
+    assert mx.allclose(train.attention(q, k, v, window), heads(expected), atol=1e-5).item()
+
+
+def test_chunked_attention_is_causal_within_each_chunk(monkeypatch):
+    monkeypatch.setattr(train, "SHORT_WINDOW", "chunked")
     chunk, T = 4, 16
     attn = random_attention()
     x = mx.random.normal((2, T, attn.n_head * attn.head_dim))
-    y = attn(x, None, "causal", chunk)
+    y = attend(attn, x, chunk)
     for c in range(T // chunk):  # each chunk alone, as its own sequence, gives the same output
         part = x[:, c * chunk:(c + 1) * chunk]
-        assert mx.allclose(y[:, c * chunk:(c + 1) * chunk], attn(part, None, "causal"), atol=1e-5).item()
+        assert mx.allclose(y[:, c * chunk:(c + 1) * chunk], attend(attn, part, chunk), atol=1e-5).item()
 
 
 def test_window_pattern_and_value_embeddings():
@@ -113,17 +130,17 @@ def test_model_dim_rounds_up_to_whole_heads():
     assert config.n_embd == 256 and config.n_head == 2
 
 
-def test_sliding_window_limits_attention():
+def test_sliding_window_limits_attention(monkeypatch):
+    monkeypatch.setattr(train, "SLIDING_BLOCK", 3)
     window, T = 4, 16
     attn = random_attention()
     x = mx.random.normal((1, T, attn.n_head * attn.head_dim))
     x_changed = mx.concatenate([x[:, :1] + 1.0, x[:, 1:]], axis=1)  # change token 0 only
-    mask = train.sliding_window_mask(T, window)
-    diff = mx.abs(attn(x, None, mask) - attn(x_changed, None, mask)).max(axis=-1)[0]
+    diff = mx.abs(attend(attn, x, window) - attend(attn, x_changed, window)).max(axis=-1)[0]
     assert (diff[:window] > 1e-4).all().item()  # positions that see token 0 change...
     assert (diff[window:] == 0).all().item()  # ...and the ones beyond the window do not
     # a full causal window sees token 0 everywhere
-    diff_full = mx.abs(attn(x, None, "causal") - attn(x_changed, None, "causal")).max(axis=-1)[0]
+    diff_full = mx.abs(attend(attn, x, T) - attend(attn, x_changed, T)).max(axis=-1)[0]
     assert (diff_full > 1e-4).all().item()
 
 
