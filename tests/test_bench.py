@@ -21,3 +21,20 @@ def test_train_speed_benchmark_prints_a_table(prepared_cache):
     tok_s, step_ms, mfu, peak_gb, startup = (float(g.replace(",", "")) for g in row.groups())
     assert tok_s > 0 and step_ms > 0 and mfu > 0 and peak_gb > 0 and startup > 0
     assert not [f for f in os.listdir(ROOT) if f.startswith("bench_train_")]  # its temporary copy is gone
+
+
+def test_step_profile_prints_its_tables(tmp_path):
+    # the baseline row takes any train.py; the current one stands in for an older version here
+    baseline = tmp_path / "old_train.py"
+    baseline.write_text(open(os.path.join(ROOT, "train.py")).read())
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "step_profile.py"), "--warmup", "1",
+                             "--iters", "1", "--baseline", str(baseline)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = re.findall(r"^\| ([^|]+) \| ([\d.]+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \|$", result.stdout, flags=re.M)
+    labels = [label for label, *_ in rows]
+    assert labels[:2] == ["baseline: old_train.py", "train.py as is"] and len(rows) == 6, result.stdout
+    assert all(float(ms) > 0 and float(tok.replace(",", "")) > 0 for _, ms, tok, _, _ in rows)
+    attention = re.findall(r"^\| (full causal \(L\)|sliding window \d+|chunked window \d+) \| ([\d.]+) \|$", result.stdout, flags=re.M)
+    assert len(attention) == 3 and all(float(ms) > 0 for _, ms in attention), result.stdout
+    assert len(re.findall(r"^\| (fused kernel where available|MLX ops) \| [\d.]+ \| [\d.]+ \|$", result.stdout, flags=re.M)) == 2

@@ -1,0 +1,156 @@
+"""
+Where a training step's time goes: the compiled forward+backward of one micro-batch of train.py at the
+original autoresearch configuration (depth 8, dim 512, 4 heads of 128, seq 2048, device batch 32), with one
+lever changed per row, plus the attention and the loss head on their own. Random tokens, no data needed.
+
+    uv run python benchmarks/step_profile.py                    # the detected device (CPU: a small config)
+    uv run python benchmarks/step_profile.py --baseline OLD.py  # add a row for another version of train.py
+
+Times are milliseconds per micro-batch (the mean of --iters after --warmup calls, each waited for); tok/s
+is tokens per micro-batch over that time, so it leaves out the optimizer update and data loading
+(benchmarks/train_speed.py measures whole runs).
+"""
+
+import argparse
+import dataclasses
+import gc
+import importlib.util
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import prepare  # noqa: E402  (before mlx: it picks the CPU BLAS)
+import mlx.core as mx  # noqa: E402
+import train  # noqa: E402
+
+GPU_SHAPE = dict(batch=32, seq=2048, depth=8)
+CPU_SHAPE = dict(batch=1, seq=256, depth=2)
+
+
+def timed(fn, args, warmup, iters):
+    """(ms per call, peak GB, seconds of the warm-up calls, which include compilation)."""
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        mx.eval(fn(*args))
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        mx.eval(fn(*args))
+    return 1000 * (time.perf_counter() - t0) / iters, mx.get_peak_memory() / 1024**3, compile_s
+
+
+def portable(fn):
+    """fn with prepare's fused CUDA kernels switched off: the MLX-ops path every other backend takes."""
+    def call(*args, **kwargs):
+        saved = prepare.HARDWARE
+        prepare.HARDWARE = dataclasses.replace(saved, backend="portable")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            prepare.HARDWARE = saved
+    return call
+
+
+def micro_step_ms(module, patches, window_pattern, shape, warmup, iters):
+    """Time the compiled forward+backward of module's GPT, with module attributes patched for the call."""
+    saved = {name: getattr(module, name) for name in patches}
+    for name, value in patches.items():
+        setattr(module, name, value)
+    try:
+        config = module.config_for_depth(shape["depth"])
+        config.sequence_len, config.window_pattern = shape["seq"], window_pattern
+        mx.random.seed(0)
+        model = module.GPT(config)
+        model.init_weights()
+        mx.eval(model.parameters())
+
+        def loss_and_grad(x, y):
+            params = model.trainable_parameters()
+
+            def loss_of(p):
+                model.update(p)
+                return model(x, y)
+            loss, grads = mx.value_and_grad(loss_of)(params)
+            model.update(params)
+            return loss, grads
+        step = mx.compile(loss_and_grad, inputs=model.state)
+        tokens = mx.random.randint(0, config.vocab_size, (shape["batch"], shape["seq"] + 1))
+        return timed(step, [tokens[:, :-1], tokens[:, 1:]], warmup, iters)
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+        gc.collect()
+        mx.clear_cache()
+
+
+def load_module(path):
+    spec = importlib.util.spec_from_file_location("baseline_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", help="another train.py (e.g. `git show OLD:train.py > old.py`) for one more row")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    on_cpu = prepare.HARDWARE.backend == "cpu"
+    shape = CPU_SHAPE if on_cpu else GPU_SHAPE
+    B, T, pattern = shape["batch"], shape["seq"], train.WINDOW_PATTERN
+    tokens = B * T
+    print(f"{prepare.describe_hardware()}\nmicro-batch: {B} x {T} tokens, depth {shape['depth']}, "
+          f"window pattern {pattern}{' (CPU: a small config)' if on_cpu else ''}\n", flush=True)
+
+    rows = [("train.py as is", train, {}, pattern),
+            ("QK norm + rotary as MLX ops (no fused kernel)", train, {"norm_rotary": portable(prepare.norm_rotary)}, pattern),
+            ("loss as MLX ops (no fused kernel)", train,
+             {"softcap_cross_entropy": portable(prepare.softcap_cross_entropy)}, pattern),
+            ('SHORT_WINDOW = "chunked"', train, {"SHORT_WINDOW": "chunked"}, pattern),
+            ('WINDOW_PATTERN = "L" (no short windows)', train, {}, "L")]
+    if args.baseline:
+        rows.insert(0, (f"baseline: {os.path.basename(args.baseline)}", load_module(args.baseline), {}, pattern))
+    print("| micro-step fwd+bwd | ms | tok/s | peak GB | warm-up s |\n|---|---|---|---|---|", flush=True)
+    for label, module, patches, window_pattern in rows:
+        ms, gb, compile_s = micro_step_ms(module, patches, window_pattern, shape, args.warmup, args.iters)
+        print(f"| {label} | {ms:.1f} | {tokens / ms * 1000:,.0f} | {gb:.1f} | {compile_s:.1f} |", flush=True)
+
+    # attention alone: one layer's kernels on (B, T, H, D) inputs, forward and backward
+    heads, head_dim = 4, 128
+    dtype = train.COMPUTE_DTYPE
+    q, k, v, dy = (mx.random.normal((B, T, heads, head_dim)).astype(dtype) for _ in range(4))
+    mx.eval(q, k, v, dy)
+    print("\n| one attention layer, fwd+bwd | ms |\n|---|---|")
+    for label, window, short in [("full causal (L)", T, "sliding"), (f"sliding window {T // 2}", T // 2, "sliding"),
+                                 (f"chunked window {T // 2}", T // 2, "chunked")]:
+        saved, train.SHORT_WINDOW = train.SHORT_WINDOW, short
+        try:
+            grad = mx.compile(mx.grad(lambda q, k, v: (train.attention(q, k, v, window).astype(mx.float32) * dy).sum(),
+                                      argnums=(0, 1, 2)))
+            ms, _, _ = timed(grad, [q, k, v], args.warmup, args.iters)
+        finally:
+            train.SHORT_WINDOW = saved
+        print(f"| {label} | {ms:.2f} |", flush=True)
+
+    # the loss head alone: lm_head matmul, softcap and cross-entropy, forward and backward
+    dim, vocab = 512, prepare.VOCAB_SIZE
+    x = mx.random.normal((B, T, dim)).astype(dtype)
+    w = 0.01 * mx.random.normal((vocab, dim))
+    targets = mx.random.randint(0, vocab, (B, T))
+    print("\n| loss head (matmul, softcap, cross-entropy), fwd+bwd | ms | peak GB |\n|---|---|---|")
+    for label, loss_fn in [("fused kernel where available", prepare.softcap_cross_entropy),
+                           ("MLX ops", portable(prepare.softcap_cross_entropy))]:
+        head = mx.compile(mx.grad(lambda x, w: loss_fn(x @ w.astype(dtype).T, targets, train.LOGIT_SOFTCAP).mean(),
+                                  argnums=(0, 1)))
+        ms, gb, _ = timed(head, [x, w], args.warmup, args.iters)
+        print(f"| {label} | {ms:.2f} | {gb:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
