@@ -335,6 +335,20 @@ def lr_multiplier(progress):
 # ---------------------------------------------------------------------------
 
 
+def compiled_loss_and_grad(model):
+    """(x, y) -> (mean loss, gradients of the trainable parameters), compiled with the model state captured."""
+    def loss_and_grad(x, y):
+        params = model.trainable_parameters()
+
+        def loss_of(p):
+            model.update(p)
+            return model(x, y)
+        loss, grads = mx.value_and_grad(loss_of)(params)
+        model.update(params)  # put back the arrays that differentiation swapped in
+        return loss, grads
+    return mx.compile(loss_and_grad, inputs=model.state)
+
+
 def check_loss(loss, step):
     if not math.isfinite(loss) or loss > MAX_LOSS:
         print(f"error: loss is {loss} at step {step} (not finite or above {MAX_LOSS}), stopping. "
@@ -367,16 +381,7 @@ def main():
 
     # Two compiled graphs: forward+backward of one micro-batch, and the optimizer update with the model
     # and optimizer state captured (updated in place). Micro-batch gradients are summed in between.
-    def loss_and_grad(x, y):
-        params = model.trainable_parameters()
-
-        def loss_of(p):
-            model.update(p)
-            return model(x, y)
-        loss, grads = mx.value_and_grad(loss_of)(params)
-        model.update(params)  # put back the arrays that differentiation swapped in
-        return loss, grads
-    micro_step = mx.compile(loss_and_grad, inputs=model.state)
+    micro_step = compiled_loss_and_grad(model)
     state = [model.state, optimizer.state]
 
     def update(grads, lr_mult):

@@ -68,16 +68,7 @@ def micro_step_ms(module, patches, window_pattern, shape, warmup, iters):
         model.init_weights()
         mx.eval(model.parameters())
 
-        def loss_and_grad(x, y):
-            params = model.trainable_parameters()
-
-            def loss_of(p):
-                model.update(p)
-                return model(x, y)
-            loss, grads = mx.value_and_grad(loss_of)(params)
-            model.update(params)
-            return loss, grads
-        step = mx.compile(loss_and_grad, inputs=model.state)
+        step = train.compiled_loss_and_grad(model)  # train.py's own step, for a baseline's model too
         tokens = mx.random.randint(0, config.vocab_size, (shape["batch"], shape["seq"] + 1))
         return timed(step, [tokens[:, :-1], tokens[:, 1:]], warmup, iters)
     finally:

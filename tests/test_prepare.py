@@ -312,16 +312,23 @@ def softcap_inputs(dtype, vocab=1000):
     return logits, mx.random.randint(0, vocab, (3, 7))
 
 
+def assert_same_value_and_gradient(fn, reference, x, atol):
+    """fn(x) matches reference(x) (a float32 result), and so do their gradients under a random cotangent."""
+    out, expected = fn(x), reference(x)
+    assert out.shape == expected.shape
+    assert mx.allclose(out.astype(mx.float32), expected, atol=atol).item()
+    weights = mx.random.normal(expected.shape)
+    grad = mx.grad(lambda x: (fn(x).astype(mx.float32) * weights).sum())(x)
+    expected_grad = mx.grad(lambda x: (reference(x) * weights).sum())(x)
+    assert grad.dtype == x.dtype
+    assert mx.allclose(grad.astype(mx.float32), expected_grad.astype(mx.float32), atol=atol).item()
+
+
 def check_softcap_loss_and_gradient(dtype, atol):
     logits, targets = softcap_inputs(dtype)
-    loss = prepare.softcap_cross_entropy(logits, targets, 15.0)
-    assert loss.shape == targets.shape and loss.dtype == mx.float32
-    assert mx.allclose(loss, reference_softcap_loss(logits, targets, 15.0), atol=atol).item()
-    weights = mx.random.uniform(shape=targets.shape)  # a cotangent that differs per row
-    grad = mx.grad(lambda x: (prepare.softcap_cross_entropy(x, targets, 15.0) * weights).sum())(logits)
-    expected = mx.grad(lambda x: (reference_softcap_loss(x, targets, 15.0) * weights).sum())(logits)
-    assert grad.dtype == logits.dtype
-    assert mx.allclose(grad.astype(mx.float32), expected.astype(mx.float32), atol=atol).item()
+    assert prepare.softcap_cross_entropy(logits, targets, 15.0).dtype == mx.float32
+    assert_same_value_and_gradient(lambda x: prepare.softcap_cross_entropy(x, targets, 15.0),
+                                   lambda x: reference_softcap_loss(x, targets, 15.0), logits, atol)
 
 
 def test_softcap_cross_entropy_matches_the_formula():
@@ -353,13 +360,8 @@ def rotary_inputs(dtype, D=128):
 
 def check_norm_rotary(dtype, atol):
     x, cos, sin = rotary_inputs(dtype)
-    out = prepare.norm_rotary(x, cos, sin)
-    assert out.shape == x.shape and out.dtype == x.dtype
-    assert mx.allclose(out.astype(mx.float32), reference_norm_rotary(x), atol=atol).item()
-    weights = mx.random.normal(x.shape)
-    grad = mx.grad(lambda x: (prepare.norm_rotary(x, cos, sin).astype(mx.float32) * weights).sum())(x)
-    expected = mx.grad(lambda x: (reference_norm_rotary(x) * weights).sum())(x)
-    assert mx.allclose(grad.astype(mx.float32), expected.astype(mx.float32), atol=atol).item()
+    assert prepare.norm_rotary(x, cos, sin).dtype == x.dtype
+    assert_same_value_and_gradient(lambda x: prepare.norm_rotary(x, cos, sin), reference_norm_rotary, x, atol)
 
 
 def test_norm_rotary_is_rms_norm_then_rope():
