@@ -19,6 +19,7 @@ import argparse
 import base64
 import ctypes
 import ctypes.util
+import functools
 import glob
 import gzip
 import hashlib
@@ -251,13 +252,13 @@ def describe_hardware():
             f"{hw.compute_dtype}, eval {EVAL_TOKENS} tokens")
 
 # ---------------------------------------------------------------------------
-# Fused loss: one portable function, a CUDA kernel where MLX's ops are slow
+# Fused ops for train.py: one portable function each, a CUDA kernel where MLX's ops are slow
 # ---------------------------------------------------------------------------
 
-# One thread block per row of logits. The forward pass keeps a running (max, sum of exp) per thread, merges
+# Softcapped cross-entropy, one thread block per row of logits. The forward pass keeps a running (max, sum of exp) per thread, merges
 # them across the block and writes loss = lse - y[target] and lse; the backward pass recomputes the softcap
-# from the bf16 logits instead of keeping float32 copies. Both read the logits once: the unfused MLX graph
-# (cast, tanh, logsumexp, their gradients) moves ~10 GB per step at the H100 configuration, this ~3 GB.
+# from the bf16 logits instead of keeping float32 copies. Both read the logits once. At the H100 configuration
+# (65,536 x 8192 logits) the loss head takes 4.9 ms forward+backward this way, 9.2 ms as MLX ops.
 _SOFTCAP_CE_HEADER = """
 // (m, s) = running max and sum of exp(y - m); m starts at -1e30, so empty partial sums merge as zeros
 __device__ inline void merge_max_sum(float& m, float& s, float m2, float s2) {
@@ -305,14 +306,13 @@ _SOFTCAP_CE_BACKWARD = """
 _CE_THREADS = 256
 
 
+@functools.cache
 def _softcap_ce_kernels():
-    if not hasattr(_softcap_ce_kernels, "cache"):
-        forward = mx.fast.cuda_kernel("softcap_ce_forward", ["logits", "targets", "cap"], ["loss", "lse"],
-                                      _SOFTCAP_CE_FORWARD, header=_SOFTCAP_CE_HEADER)
-        backward = mx.fast.cuda_kernel("softcap_ce_backward", ["logits", "targets", "cap", "lse", "cotangent"],
-                                       ["dlogits"], _SOFTCAP_CE_BACKWARD)
-        _softcap_ce_kernels.cache = forward, backward
-    return _softcap_ce_kernels.cache
+    forward = mx.fast.cuda_kernel("softcap_ce_forward", ["logits", "targets", "cap"], ["loss", "lse"],
+                                  _SOFTCAP_CE_FORWARD, header=_SOFTCAP_CE_HEADER)
+    backward = mx.fast.cuda_kernel("softcap_ce_backward", ["logits", "targets", "cap", "lse", "cotangent"],
+                                   ["dlogits"], _SOFTCAP_CE_BACKWARD)
+    return forward, backward
 
 
 @mx.custom_function
@@ -337,8 +337,8 @@ def _softcap_ce_cuda_vjp(primals, cotangents, outputs):
 
 
 # RMS norm then rotary embedding of queries or keys, (B, T, H, D), one warp per (b, t, h) row: lane l holds the
-# rotation pairs (i, i + D/2) for i = l, l + 32, ... The backward pass recomputes the norm from x. Unfused, MLX
-# spends ~1 ms per layer on the copies, norms and rotations of q and k at the H100 configuration.
+# rotation pairs (i, i + D/2) for i = l, l + 32, ... The backward pass recomputes the norm from x. At the H100
+# configuration this saves 12 ms of a 88 ms micro-batch against MLX ops (copies, norms and rotations of q, k).
 _NORM_ROTARY_COMMON = """
   constexpr int HALF = D / 2, PAIRS = HALF / 32;
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -389,15 +389,14 @@ _NORM_ROTARY_BACKWARD = _NORM_ROTARY_COMMON + """
 _ROWS_PER_BLOCK = 8
 
 
+@functools.cache
 def _norm_rotary_kernels():
-    if not hasattr(_norm_rotary_kernels, "cache"):
-        inputs = ["x", "cos", "sin", "eps"]
-        forward = mx.fast.cuda_kernel("norm_rotary_forward", inputs, ["out"], _NORM_ROTARY_FORWARD,
-                                      ensure_row_contiguous=False)
-        backward = mx.fast.cuda_kernel("norm_rotary_backward", inputs + ["cotangent"], ["dx_out"],
-                                       _NORM_ROTARY_BACKWARD, ensure_row_contiguous=False)
-        _norm_rotary_kernels.cache = forward, backward
-    return _norm_rotary_kernels.cache
+    inputs = ["x", "cos", "sin", "eps"]
+    forward = mx.fast.cuda_kernel("norm_rotary_forward", inputs, ["out"], _NORM_ROTARY_FORWARD,
+                                  ensure_row_contiguous=False)
+    backward = mx.fast.cuda_kernel("norm_rotary_backward", inputs + ["cotangent"], ["dx_out"],
+                                   _NORM_ROTARY_BACKWARD, ensure_row_contiguous=False)
+    return forward, backward
 
 
 def _norm_rotary_launch(kernel, inputs, x):

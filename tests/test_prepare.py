@@ -298,7 +298,7 @@ def test_fast_blas_loader(setting):
 
 
 # ---------------------------------------------------------------------------
-# Fused loss
+# Fused ops: norm_rotary and softcap_cross_entropy (CUDA kernels, MLX ops elsewhere)
 # ---------------------------------------------------------------------------
 
 def reference_softcap_loss(logits, targets, cap):
@@ -306,42 +306,13 @@ def reference_softcap_loss(logits, targets, cap):
     return mx.logsumexp(capped, axis=-1) - mx.take_along_axis(capped, targets[..., None], axis=-1)[..., 0]
 
 
-def softcap_inputs(dtype, vocab=1000):
+def softcap_case(dtype, vocab=1000):
+    """(op, float32 reference, input) for softcap_cross_entropy."""
     mx.random.seed(3)
     logits = (8 * mx.random.normal((3, 7, vocab))).astype(dtype)  # large enough for the softcap to bend them
-    return logits, mx.random.randint(0, vocab, (3, 7))
-
-
-def assert_same_value_and_gradient(fn, reference, x, atol):
-    """fn(x) matches reference(x) (a float32 result), and so do their gradients under a random cotangent."""
-    out, expected = fn(x), reference(x)
-    assert out.shape == expected.shape
-    assert mx.allclose(out.astype(mx.float32), expected, atol=atol).item()
-    weights = mx.random.normal(expected.shape)
-    grad = mx.grad(lambda x: (fn(x).astype(mx.float32) * weights).sum())(x)
-    expected_grad = mx.grad(lambda x: (reference(x) * weights).sum())(x)
-    assert grad.dtype == x.dtype
-    assert mx.allclose(grad.astype(mx.float32), expected_grad.astype(mx.float32), atol=atol).item()
-
-
-def check_softcap_loss_and_gradient(dtype, atol):
-    logits, targets = softcap_inputs(dtype)
-    assert prepare.softcap_cross_entropy(logits, targets, 15.0).dtype == mx.float32
-    assert_same_value_and_gradient(lambda x: prepare.softcap_cross_entropy(x, targets, 15.0),
-                                   lambda x: reference_softcap_loss(x, targets, 15.0), logits, atol)
-
-
-def test_softcap_cross_entropy_matches_the_formula():
-    check_softcap_loss_and_gradient(mx.float32, atol=1e-4)
-
-
-@pytest.mark.skipif(prepare.HARDWARE.backend != "cuda", reason="the fused kernel is CUDA only")
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_softcap_cross_entropy_cuda_kernel(dtype):
-    check_softcap_loss_and_gradient(dtype, atol=1e-4 if dtype == mx.float32 else 2e-2)
-    compiled = mx.compile(lambda x, t: prepare.softcap_cross_entropy(x, t, 15.0))
-    logits, targets = softcap_inputs(dtype)
-    assert mx.allclose(compiled(logits, targets), reference_softcap_loss(logits, targets, 15.0), atol=1e-3).item()
+    targets = mx.random.randint(0, vocab, (3, 7))
+    return (lambda x: prepare.softcap_cross_entropy(x, targets, 15.0),
+            lambda x: reference_softcap_loss(x, targets, 15.0), logits)
 
 
 def reference_norm_rotary(x):
@@ -350,28 +321,45 @@ def reference_norm_rotary(x):
     return mx.fast.rope(normed, x.shape[-1], traditional=False, base=10000.0, scale=1.0, offset=0).transpose(0, 2, 1, 3)
 
 
-def rotary_inputs(dtype, D=128):
+def rotary_case(dtype, D=128):
+    """(op, float32 reference, input) for norm_rotary; the input is a strided slice, as in train.py."""
     mx.random.seed(4)
-    qkv = (3 * mx.random.normal((2, 16, 3, 2, D))).astype(dtype)  # (B, T, q/k/v, H, D), as train.py slices it
+    qkv = (3 * mx.random.normal((2, 16, 3, 2, D))).astype(dtype)  # (B, T, q/k/v, H, D)
     half = D // 2
     angles = mx.arange(16, dtype=mx.float32)[:, None] * 10000.0 ** (-mx.arange(half, dtype=mx.float32) / half)
-    return qkv[:, :, 1], mx.cos(angles), mx.sin(angles)
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    return lambda x: prepare.norm_rotary(x, cos, sin), reference_norm_rotary, qkv[:, :, 1]
 
 
-def check_norm_rotary(dtype, atol):
-    x, cos, sin = rotary_inputs(dtype)
-    assert prepare.norm_rotary(x, cos, sin).dtype == x.dtype
-    assert_same_value_and_gradient(lambda x: prepare.norm_rotary(x, cos, sin), reference_norm_rotary, x, atol)
+# op name -> (case, output dtype for an input dtype, atol in bfloat16, atol of the compiled op in bfloat16)
+FUSED_OPS = {"softcap_cross_entropy": (softcap_case, lambda dtype: mx.float32, 2e-2, 1e-3),
+             "norm_rotary": (rotary_case, lambda dtype: dtype, 5e-2, 5e-2)}
 
 
-def test_norm_rotary_is_rms_norm_then_rope():
-    check_norm_rotary(mx.float32, atol=1e-4)
+def check_fused_op(name, dtype, atol):
+    """The op matches its reference, and so does its gradient under a random cotangent."""
+    case, out_dtype, _, _ = FUSED_OPS[name]
+    fn, reference, x = case(dtype)
+    out, expected = fn(x), reference(x)
+    assert out.shape == expected.shape and out.dtype == out_dtype(dtype)
+    assert mx.allclose(out.astype(mx.float32), expected, atol=atol).item()
+    weights = mx.random.normal(expected.shape)
+    grad = mx.grad(lambda x: (fn(x).astype(mx.float32) * weights).sum())(x)
+    expected_grad = mx.grad(lambda x: (reference(x) * weights).sum())(x)
+    assert grad.dtype == x.dtype
+    assert mx.allclose(grad.astype(mx.float32), expected_grad.astype(mx.float32), atol=atol).item()
 
 
-@pytest.mark.skipif(prepare.HARDWARE.backend != "cuda", reason="the fused kernel is CUDA only")
+@pytest.mark.parametrize("name", FUSED_OPS)
+def test_fused_op_matches_its_formula(name):
+    check_fused_op(name, mx.float32, atol=1e-4)
+
+
+@pytest.mark.skipif(prepare.HARDWARE.backend != "cuda", reason="the fused kernels are CUDA only")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_norm_rotary_cuda_kernel(dtype):
-    check_norm_rotary(dtype, atol=1e-4 if dtype == mx.float32 else 5e-2)
-    x, cos, sin = rotary_inputs(dtype)
-    compiled = mx.compile(lambda x: prepare.norm_rotary(x, cos, sin))
-    assert mx.allclose(compiled(x).astype(mx.float32), reference_norm_rotary(x), atol=5e-2).item()
+@pytest.mark.parametrize("name", FUSED_OPS)
+def test_fused_op_cuda_kernel(name, dtype):
+    case, _, bf16_atol, compiled_atol = FUSED_OPS[name]
+    check_fused_op(name, dtype, atol=1e-4 if dtype == mx.float32 else bf16_atol)
+    fn, reference, x = case(dtype)
+    assert mx.allclose(mx.compile(fn)(x).astype(mx.float32), reference(x), atol=compiled_atol).item()
