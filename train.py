@@ -111,13 +111,24 @@ def attention(q, k, v, window):
     # first `window` queries see every key before them; each later block of queries gets the window+block
     # keys in its reach and one small band mask (query i sees block key j iff i < j <= i + window).
     block = SLIDING_BLOCK
+    starts = list(range(window, T, block))
+    key_ranges = [(0, window)] + [(start - window, min(start + block, T)) for start in starts]
+    # The pieces come from split and concatenate, never slices: a slice's gradient is a zero-filled copy of
+    # the whole sequence, a split's is one concatenation.
+    cuts = sorted({edge for key_range in key_ranges for edge in key_range} - {0, T})
+    chunk_starts = [0] + cuts
+
+    def keys_in(chunks, first, last):
+        chosen = [chunk for start, chunk in zip(chunk_starts, chunks) if first <= start < last]
+        return chosen[0] if len(chosen) == 1 else mx.concatenate(chosen, axis=1)
+
+    k_chunks, v_chunks = mx.split(k, cuts, axis=1), mx.split(v, cuts, axis=1)
     i, j = mx.arange(block)[:, None], mx.arange(window + block)[None, :]
     band = (j > i) & (j <= i + window)
-    outputs = [sdpa(q[:, :window], k[:, :window], v[:, :window], "causal")]
-    for start in range(window, T, block):
-        end = min(start + block, T)
-        keys = slice(start - window, end)
-        outputs.append(sdpa(q[:, start:end], k[:, keys], v[:, keys], band[:end - start, :end - start + window]))
+    outputs = []
+    for n, (q_piece, (first, last)) in enumerate(zip(mx.split(q, starts, axis=1), key_ranges)):
+        mask = "causal" if n == 0 else band[:q_piece.shape[1], :last - first]
+        outputs.append(sdpa(q_piece, keys_in(k_chunks, first, last), keys_in(v_chunks, first, last), mask))
     return mx.concatenate(outputs, axis=1)
 
 
@@ -139,13 +150,27 @@ class Linear(nn.Module):
         return x @ self.weight.astype(x.dtype).T
 
 
+@mx.custom_function
+def embedding_lookup(weight, idx):
+    # cast the table, then gather: cheaper than gathering float32 rows and casting them
+    return weight.astype(COMPUTE_DTYPE)[idx]
+
+
+@embedding_lookup.vjp
+def embedding_lookup_vjp(primals, cotangent, output):
+    weight, idx = primals
+    # the rows' gradients summed in float32: a frequent token's thousands of rows would swamp bfloat16
+    grad = mx.zeros(weight.shape, mx.float32).at[idx].add(cotangent.astype(mx.float32))
+    return grad.astype(weight.dtype), mx.zeros_like(idx)
+
+
 class Embedding(nn.Module):
     def __init__(self, vocab_size, dim):
         super().__init__()
         self.weight = mx.zeros((vocab_size, dim))
 
     def __call__(self, idx):
-        return self.weight[idx].astype(COMPUTE_DTYPE)
+        return embedding_lookup(self.weight, idx)
 
 
 class CausalSelfAttention(nn.Module):
@@ -163,13 +188,26 @@ class CausalSelfAttention(nn.Module):
         # one matmul for q, k and v; everything stays (B, T, heads, head_dim), which needs no transposed copies
         w_qkv = mx.concatenate([self.c_q.weight, self.c_k.weight, self.c_v.weight]).astype(x.dtype)
         qkv = (x @ w_qkv.T).reshape(B, T, 3, self.n_head, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # split, not three slices: its gradient is one concatenation, where slices would each add a zero-filled copy
+        q, k, v = (t.squeeze(2) for t in mx.split(qkv, 3, axis=2))
         if value_embedding is not None:
             # input-dependent gate in (0, 2), exactly 1 at init: how much of the token's value embedding to add
             gate = 2 * mx.sigmoid(self.ve_gate(x[..., :VALUE_EMBED_GATE_CHANNELS]))  # (B, T, n_head)
             v = v + gate[..., None] * value_embedding.reshape(B, T, self.n_head, self.head_dim)
         q, k = norm_rotary(q, *rope_tables), norm_rotary(k, *rope_tables)  # QK norm, then rotary embedding
         return self.c_proj(attention(q, k, v, window).reshape(B, T, C))
+
+
+@mx.custom_function
+def relu_squared(x):
+    return mx.square(mx.maximum(x, 0))
+
+
+@relu_squared.vjp
+def relu_squared_vjp(x, cotangent, output):
+    # from x alone: autodiff would also keep relu(x), one more activation of the MLP's widest size per layer
+    # (x > 0) rather than maximum(x, 0): compile would merge a second maximum with the forward's and keep it
+    return (2 * x * (x > 0) * cotangent).astype(x.dtype)
 
 
 class MLP(nn.Module):
@@ -179,7 +217,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def __call__(self, x):
-        return self.c_proj(mx.square(nn.relu(self.c_fc(x))))  # ReLU^2
+        return self.c_proj(relu_squared(self.c_fc(x)))
 
 
 class Block(nn.Module):

@@ -117,15 +117,21 @@ def main():
     q, k, v, dy = (mx.random.normal((B, T, heads, head_dim)).astype(dtype) for _ in range(4))
     mx.eval(q, k, v, dy)
     print("\n| one attention layer, fwd+bwd | ms |\n|---|---|")
-    for label, window, short in [("full causal (L)", T, "sliding"), (f"sliding window {T // 2}", T // 2, "sliding"),
-                                 (f"chunked window {T // 2}", T // 2, "chunked")]:
-        saved, train.SHORT_WINDOW = train.SHORT_WINDOW, short
+    variants = [("full causal (L)", T, {})]
+    variants += [(f"sliding window {T // 2}, query blocks of {block}", T // 2, {"SLIDING_BLOCK": block})
+                 for block in (T // 8, T // 4, T // 2)]
+    variants += [(f"chunked window {T // 2}", T // 2, {"SHORT_WINDOW": "chunked"})]
+    for label, window, patches in variants:
+        saved = {name: getattr(train, name) for name in patches}
+        for name, value in patches.items():
+            setattr(train, name, value)
         try:
             grad = mx.compile(mx.grad(lambda q, k, v: (train.attention(q, k, v, window).astype(mx.float32) * dy).sum(),
                                       argnums=(0, 1, 2)))
             ms, _, _ = timed(grad, [q, k, v], args.warmup, args.iters)
         finally:
-            train.SHORT_WINDOW = saved
+            for name, value in saved.items():
+                setattr(train, name, value)
         print(f"| {label} | {ms:.2f} |", flush=True)
 
     # the loss head alone: lm_head matmul, softcap and cross-entropy, forward and backward

@@ -96,12 +96,45 @@ def attend(attn, x, window):
 def test_blocked_sliding_window_equals_the_masked_one(monkeypatch, window, block):
     monkeypatch.setattr(train, "SLIDING_BLOCK", block)
     B, T, H, D = 2, 24, 2, 8
-    q, k, v = (mx.random.normal((B, T, H, D)) for _ in range(3))
+    q, k, v, cotangent = (mx.random.normal((B, T, H, D)) for _ in range(4))
     i, j = mx.arange(T)[:, None], mx.arange(T)[None, :]
     mask = (j <= i) & (j > i - window)  # query i sees keys i - window < j <= i
     heads = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
-    expected = mx.fast.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=D ** -0.5, mask=mask)
-    assert mx.allclose(train.attention(q, k, v, window), heads(expected), atol=1e-5).item()
+
+    def masked(q, k, v):
+        return heads(mx.fast.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=D ** -0.5, mask=mask))
+    # same output, and the same gradients through the split-and-concatenate pieces
+    (expected,), expected_grads = mx.vjp(masked, [q, k, v], [cotangent])
+    (out,), grads = mx.vjp(lambda q, k, v: train.attention(q, k, v, window), [q, k, v], [cotangent])
+    assert mx.allclose(out, expected, atol=1e-5).item()
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert mx.allclose(grad, expected_grad, atol=1e-5).item()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_relu_squared_value_and_gradient(dtype):
+    x = mx.concatenate([mx.random.normal((1000,)), mx.zeros((4,))]).astype(dtype)
+    cotangent = mx.random.normal(x.shape).astype(dtype)
+    plain = lambda x: mx.square(mx.maximum(x, 0))  # noqa: E731
+    (expected,), (expected_grad,) = mx.vjp(plain, [x], [cotangent])
+    (out,), (grad,) = mx.vjp(train.relu_squared, [x], [cotangent])
+    assert out.dtype == grad.dtype == dtype
+    tolerance = 1e-6 if dtype == mx.float32 else 1e-2
+    assert mx.allclose(out, expected, atol=tolerance, rtol=tolerance).item()
+    assert mx.allclose(grad, expected_grad, atol=tolerance, rtol=tolerance).item()
+
+
+def test_embedding_lookup_value_and_gradient():
+    weight = mx.random.normal((50, 8))
+    idx = mx.random.randint(0, 5, (4, 30))  # few ids: every row is gathered many times
+    cotangent = mx.random.normal((4, 30, 8)).astype(train.COMPUTE_DTYPE)
+    plain = lambda w: w[idx].astype(train.COMPUTE_DTYPE)  # noqa: E731
+    (expected,), (expected_grad,) = mx.vjp(plain, [weight], [cotangent])
+    (out,), (grad,) = mx.vjp(lambda w: train.embedding_lookup(w, idx), [weight], [cotangent])
+    assert out.dtype == train.COMPUTE_DTYPE and grad.dtype == mx.float32
+    assert mx.array_equal(out, expected).item()
+    assert mx.allclose(grad, expected_grad, atol=1e-5).item()
+    assert mx.all(grad[5:] == 0).item()  # rows never looked up get no gradient
 
 
 def test_chunked_attention_is_causal_within_each_chunk(monkeypatch):
