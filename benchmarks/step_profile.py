@@ -5,6 +5,7 @@ lever changed per row, plus the attention and the loss head on their own. Random
 
     uv run python benchmarks/step_profile.py                    # the detected device (CPU: a small config)
     uv run python benchmarks/step_profile.py --baseline OLD.py  # add a row for another version of train.py
+    python benchmarks/step_profile.py --kernels 40              # CUDA: also the 40 costliest kernels of a step
 
 Times are milliseconds per micro-batch (the mean of --iters after --warmup calls, each waited for); tok/s
 is tokens per micro-batch over that time, so it leaves out the optimizer update and data loading
@@ -55,8 +56,8 @@ def portable(fn):
     return call
 
 
-def micro_step_ms(module, patches, window_pattern, shape, warmup, iters):
-    """Time the compiled forward+backward of module's GPT, with module attributes patched for the call."""
+def micro_step(module, patches, window_pattern, shape, measure):
+    """measure(step, args) for the compiled forward+backward of module's GPT, module attributes patched meanwhile."""
     saved = {name: getattr(module, name) for name in patches}
     for name, value in patches.items():
         setattr(module, name, value)
@@ -70,12 +71,39 @@ def micro_step_ms(module, patches, window_pattern, shape, warmup, iters):
 
         step = train.compiled_loss_and_grad(model)  # train.py's own step, for a baseline's model too
         tokens = mx.random.randint(0, config.vocab_size, (shape["batch"], shape["seq"] + 1))
-        return timed(step, [tokens[:, :-1], tokens[:, 1:]], warmup, iters)
+        return measure(step, [tokens[:, :-1], tokens[:, 1:]])
     finally:
         for name, value in saved.items():
             setattr(module, name, value)
         gc.collect()
         mx.clear_cache()
+
+
+def kernel_times(step, args, calls):
+    """{kernel name: (ms, launches)} per call of step, over `calls` calls, from PyTorch's profiler: it reads
+    CUPTI, which records every GPU kernel of the process, MLX's included. Needs PyTorch built for CUDA."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    mx.eval(step(*args))  # compiled and warm before the profile starts
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            mx.eval(step(*args))
+    kernels = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            ms, launches = kernels.get(event.name, (0.0, 0))
+            kernels[event.name] = (ms + event.device_time_total / 1000 / calls, launches + 1 / calls)
+    return kernels
+
+
+def kernel_table(kernels, top):
+    """Markdown rows: the total, then the `top` costliest kernels with ms, launches and share of the total."""
+    total = sum(ms for ms, _ in kernels.values())
+    lines = [f"| all {round(sum(n for _, n in kernels.values()))} launches | {total:.2f} | | 100 % |"]
+    for name, (ms, launches) in sorted(kernels.items(), key=lambda item: -item[1][0])[:top]:
+        short = name if len(name) <= 110 else name[:107] + "..."
+        lines.append(f"| {short.replace('|', '/')} | {ms:.3f} | {round(launches)} | {100 * ms / total:.1f} % |")
+    return lines
 
 
 def load_module(path):
@@ -90,6 +118,8 @@ def main():
     parser.add_argument("--baseline", help="another train.py (e.g. `git show OLD:train.py > old.py`) for one more row")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--kernels", type=int, default=0, metavar="N",
+                        help="also list the N costliest GPU kernels of one micro-step of train.py (CUDA, needs PyTorch)")
     args = parser.parse_args()
     on_cpu = prepare.HARDWARE.backend == "cpu"
     shape = CPU_SHAPE if on_cpu else GPU_SHAPE
@@ -108,7 +138,8 @@ def main():
         rows.insert(0, (f"baseline: {os.path.basename(args.baseline)}", load_module(args.baseline), {}, pattern))
     print("| micro-step fwd+bwd | ms | tok/s | peak GB | warm-up s |\n|---|---|---|---|---|", flush=True)
     for label, module, patches, window_pattern in rows:
-        ms, gb, compile_s = micro_step_ms(module, patches, window_pattern, shape, args.warmup, args.iters)
+        ms, gb, compile_s = micro_step(module, patches, window_pattern, shape,
+                                       lambda step, inputs: timed(step, inputs, args.warmup, args.iters))
         print(f"| {label} | {ms:.1f} | {tokens / ms * 1000:,.0f} | {gb:.1f} | {compile_s:.1f} |", flush=True)
 
     # attention alone: one layer's kernels on (B, T, H, D) inputs, forward and backward
@@ -146,6 +177,14 @@ def main():
                                   argnums=(0, 1)))
         ms, gb, _ = timed(head, [x, w], args.warmup, args.iters)
         print(f"| {label} | {ms:.2f} | {gb:.1f} |", flush=True)
+
+    if args.kernels:
+        if prepare.HARDWARE.backend != "cuda":
+            print("\n(--kernels: skipped, it profiles CUDA kernels)")
+            return 0
+        kernels = micro_step(train, {}, pattern, shape, lambda step, inputs: kernel_times(step, inputs, args.iters))
+        print("\n| kernels of one micro-step of train.py as is | ms | launches | share |\n|---|---|---|---|")
+        print("\n".join(kernel_table(kernels, args.kernels)))
     return 0
 
 

@@ -28,13 +28,25 @@ def test_step_profile_prints_its_tables(tmp_path):
     baseline = tmp_path / "old_train.py"
     baseline.write_text(open(os.path.join(ROOT, "train.py")).read())
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "step_profile.py"), "--warmup", "1",
-                             "--iters", "1", "--baseline", str(baseline)], cwd=ROOT, capture_output=True, text=True,
+                             "--iters", "1", "--baseline", str(baseline), "--kernels", "5"], cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = re.findall(r"^\| ([^|]+) \| ([\d.]+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \|$", result.stdout, flags=re.M)
     labels = [label for label, *_ in rows]
     assert labels[:2] == ["baseline: old_train.py", "train.py as is"] and len(rows) == 6, result.stdout
     assert all(float(ms) > 0 and float(tok.replace(",", "")) > 0 for _, ms, tok, _, _ in rows)
-    attention = re.findall(r"^\| (full causal \(L\)|sliding window \d+|chunked window \d+) \| ([\d.]+) \|$", result.stdout, flags=re.M)
-    assert len(attention) == 3 and all(float(ms) > 0 for _, ms in attention), result.stdout
+    attention = re.findall(r"^\| (full causal \(L\)|sliding window \d+, query blocks of \d+|chunked window \d+) \| ([\d.]+) \|$",
+                           result.stdout, flags=re.M)
+    assert len(attention) == 5 and all(float(ms) > 0 for _, ms in attention), result.stdout
     assert len(re.findall(r"^\| (fused kernel where available|MLX ops) \| [\d.]+ \| [\d.]+ \|$", result.stdout, flags=re.M)) == 2
+    assert "(--kernels: skipped, it profiles CUDA kernels)" in result.stdout  # CPU: no CUDA kernels to list
+
+
+def test_kernel_table_ranks_kernels_by_time():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import step_profile
+    kernels = {"copy": (1.0, 4), "gemm|nt": (6.0, 2), "x" * 200: (3.0, 1)}
+    lines = step_profile.kernel_table(kernels, top=2)
+    assert lines[0] == "| all 7 launches | 10.00 | | 100 % |"
+    assert lines[1] == "| gemm/nt | 6.000 | 2 | 60.0 % |"  # a | in a name would break the table
+    assert lines[2].startswith("| " + "x" * 107 + "... | 3.000 | 1 | 30.0 % |") and len(lines) == 3
