@@ -109,7 +109,9 @@ def attention(q, k, v, window):
         return sdpa(fold(q), fold(k), fold(v), "causal").reshape(B, T, H, D)
     # Sliding window without a T x T mask, whose kernel would do (and differentiate) all T x T scores: the
     # first `window` queries see every key before them; each later block of queries gets the window+block
-    # keys in its reach and one small band mask (query i sees block key j iff i < j <= i + window).
+    # keys in its reach and one small band mask (query i sees block key j iff i < j <= i + window). The mask
+    # is additive (0 or -inf) in q's dtype: a boolean one would be converted to that at its broadcast size,
+    # (B, H, block, window + block), every layer.
     block = SLIDING_BLOCK
     starts = list(range(window, T, block))
     key_ranges = [(0, window)] + [(start - window, min(start + block, T)) for start in starts]
@@ -124,7 +126,7 @@ def attention(q, k, v, window):
 
     k_chunks, v_chunks = mx.split(k, cuts, axis=1), mx.split(v, cuts, axis=1)
     i, j = mx.arange(block)[:, None], mx.arange(window + block)[None, :]
-    band = (j > i) & (j <= i + window)
+    band = mx.where((j > i) & (j <= i + window), 0.0, -math.inf).astype(q.dtype)
     outputs = []
     for n, (q_piece, (first, last)) in enumerate(zip(mx.split(q, starts, axis=1), key_ranges)):
         mask = "causal" if n == 0 else band[:q_piece.shape[1], :last - first]
