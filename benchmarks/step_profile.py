@@ -13,6 +13,7 @@ is tokens per micro-batch over that time, so it leaves out the optimizer update 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -44,37 +45,42 @@ def timed(fn, args, warmup, iters):
     return 1000 * (time.perf_counter() - t0) / iters, mx.get_peak_memory() / 1024**3, compile_s
 
 
+@contextlib.contextmanager
+def patched(module, patches):
+    """module's attributes set to patches' values for the duration, then put back."""
+    saved = {name: getattr(module, name) for name in patches}
+    for name, value in patches.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def portable(fn):
     """fn with prepare's fused CUDA kernels switched off: the MLX-ops path every other backend takes."""
     def call(*args, **kwargs):
-        saved = prepare.HARDWARE
-        prepare.HARDWARE = dataclasses.replace(saved, backend="portable")
-        try:
+        with patched(prepare, {"HARDWARE": dataclasses.replace(prepare.HARDWARE, backend="portable")}):
             return fn(*args, **kwargs)
-        finally:
-            prepare.HARDWARE = saved
     return call
 
 
 def micro_step(module, patches, window_pattern, shape, measure):
     """measure(step, args) for the compiled forward+backward of module's GPT, module attributes patched meanwhile."""
-    saved = {name: getattr(module, name) for name in patches}
-    for name, value in patches.items():
-        setattr(module, name, value)
     try:
-        config = module.config_for_depth(shape["depth"])
-        config.sequence_len, config.window_pattern = shape["seq"], window_pattern
-        mx.random.seed(0)
-        model = module.GPT(config)
-        model.init_weights()
-        mx.eval(model.parameters())
+        with patched(module, patches):
+            config = module.config_for_depth(shape["depth"])
+            config.sequence_len, config.window_pattern = shape["seq"], window_pattern
+            mx.random.seed(0)
+            model = module.GPT(config)
+            model.init_weights()
+            mx.eval(model.parameters())
 
-        step = train.compiled_loss_and_grad(model)  # train.py's own step, for a baseline's model too
-        tokens = mx.random.randint(0, config.vocab_size, (shape["batch"], shape["seq"] + 1))
-        return measure(step, [tokens[:, :-1], tokens[:, 1:]])
+            step = train.compiled_loss_and_grad(model)  # train.py's own step, for a baseline's model too
+            tokens = mx.random.randint(0, config.vocab_size, (shape["batch"], shape["seq"] + 1))
+            return measure(step, [tokens[:, :-1], tokens[:, 1:]])
     finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
         gc.collect()
         mx.clear_cache()
 
@@ -153,16 +159,10 @@ def main():
                  for block in (T // 8, T // 4, T // 2)]
     variants += [(f"chunked window {T // 2}", T // 2, {"SHORT_WINDOW": "chunked"})]
     for label, window, patches in variants:
-        saved = {name: getattr(train, name) for name in patches}
-        for name, value in patches.items():
-            setattr(train, name, value)
-        try:
+        with patched(train, patches):
             grad = mx.compile(mx.grad(lambda q, k, v: (train.attention(q, k, v, window).astype(mx.float32) * dy).sum(),
                                       argnums=(0, 1, 2)))
             ms, _, _ = timed(grad, [q, k, v], args.warmup, args.iters)
-        finally:
-            for name, value in saved.items():
-                setattr(train, name, value)
         print(f"| {label} | {ms:.2f} |", flush=True)
 
     # the loss head alone: lm_head matmul, softcap and cross-entropy, forward and backward
