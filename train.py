@@ -3,6 +3,7 @@ Pretrain a small GPT on MLX for a fixed wall-clock budget, then report val_bpb.
 This is the one file the agent edits. Usage: uv run train.py
 """
 
+import functools
 import math
 import sys
 import time
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 
 # prepare must come before mlx: on Linux CPU it loads a fast BLAS that MLX can only pick up at import.
 from prepare import (HARDWARE, MAX_SEQ_LEN, SEED, TIME_BUDGET, VOCAB_SIZE, Tokenizer, describe_hardware,
-                     evaluate_bpb, make_dataloader, norm_rotary, softcap_cross_entropy)
+                     embedding_lookup, evaluate_bpb, make_dataloader, norm_rotary, rms_norm,
+                     softcap_cross_entropy)
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
@@ -78,7 +80,7 @@ def config_for_depth(depth, aspect_ratio=ASPECT_RATIO, head_dim=HEAD_DIM):
 
 
 def norm(x):
-    return mx.fast.rms_norm(x, None, 1e-6)  # no learned weight
+    return rms_norm(x, 1e-6)  # no learned weight
 
 
 def has_value_embedding(layer, n_layer):
@@ -111,27 +113,48 @@ def attention(q, k, v, window):
     # first `window` queries see every key before them; each later block of queries gets the window+block
     # keys in its reach and one small band mask (query i sees block key j iff i < j <= i + window). The mask
     # is additive (0 or -inf) in q's dtype: a boolean one would be converted to that at its broadcast size,
-    # (B, H, block, window + block), every layer.
+    # (B, H, block, window + block), every layer. Keys and values are slices of k and v; the queries' pieces
+    # come from a split (each piece a view, the gradient one concatenation).
     block = SLIDING_BLOCK
     starts = list(range(window, T, block))
     key_ranges = [(0, window)] + [(start - window, min(start + block, T)) for start in starts]
-    # The pieces come from split and concatenate, never slices: a slice's gradient is a zero-filled copy of
-    # the whole sequence, a split's is one concatenation.
-    cuts = sorted({edge for key_range in key_ranges for edge in key_range} - {0, T})
-    chunk_starts = [0] + cuts
-
-    def keys_in(chunks, first, last):
-        chosen = [chunk for start, chunk in zip(chunk_starts, chunks) if first <= start < last]
-        return chosen[0] if len(chosen) == 1 else mx.concatenate(chosen, axis=1)
-
-    k_chunks, v_chunks = mx.split(k, cuts, axis=1), mx.split(v, cuts, axis=1)
+    k_pieces, v_pieces = sequence_slices(k, key_ranges), sequence_slices(v, key_ranges)
     i, j = mx.arange(block)[:, None], mx.arange(window + block)[None, :]
     band = mx.where((j > i) & (j <= i + window), 0.0, -math.inf).astype(q.dtype)
     outputs = []
-    for n, (q_piece, (first, last)) in enumerate(zip(mx.split(q, starts, axis=1), key_ranges)):
-        mask = "causal" if n == 0 else band[:q_piece.shape[1], :last - first]
-        outputs.append(sdpa(q_piece, keys_in(k_chunks, first, last), keys_in(v_chunks, first, last), mask))
+    for n, (q_piece, k_piece, v_piece) in enumerate(zip(mx.split(q, starts, axis=1), k_pieces, v_pieces)):
+        mask = "causal" if n == 0 else band[:q_piece.shape[1], :k_piece.shape[1]]
+        outputs.append(sdpa(q_piece, k_piece, v_piece, mask))
     return mx.concatenate(outputs, axis=1)
+
+
+def sequence_slices(x, ranges):
+    """x[:, first:last] for each (first, last) of ranges, as views of x (no copies)."""
+    return _sequence_slices(tuple(ranges), x.shape[1])(x)
+
+
+@functools.cache
+def _sequence_slices(ranges, T):
+    # Autodiff would give each slice a gradient the size of x, zeros around the slice, and add them up. This
+    # one adds the slices' overlapping gradients chunk by chunk (chunks cut at every range edge) and
+    # concatenates the chunks once.
+    edges = sorted({0, T} | {edge for r in ranges for edge in r})
+
+    @mx.custom_function
+    def slices(x):
+        return tuple(x[:, first:last] for first, last in ranges)
+
+    @slices.vjp
+    def slices_vjp(x, cotangents, outputs):
+        chunks = []
+        for a, b in zip(edges[:-1], edges[1:]):
+            parts = [g[:, a - first:b - first] for g, (first, last) in zip(cotangents, ranges)
+                     if first <= a and b <= last]
+            chunks.append(sum(parts[1:], parts[0]) if parts else
+                          mx.zeros((x.shape[0], b - a, *x.shape[2:]), cotangents[0].dtype))
+        return mx.concatenate(chunks, axis=1)
+
+    return slices
 
 
 def rotary_tables(T, head_dim, base=10000.0):
@@ -152,27 +175,13 @@ class Linear(nn.Module):
         return x @ self.weight.astype(x.dtype).T
 
 
-@mx.custom_function
-def embedding_lookup(weight, idx):
-    # cast the table, then gather: cheaper than gathering float32 rows and casting them
-    return weight.astype(COMPUTE_DTYPE)[idx]
-
-
-@embedding_lookup.vjp
-def embedding_lookup_vjp(primals, cotangent, output):
-    weight, idx = primals
-    # the rows' gradients summed in float32: a frequent token's thousands of rows would swamp bfloat16
-    grad = mx.zeros(weight.shape, mx.float32).at[idx].add(cotangent.astype(mx.float32))
-    return grad.astype(weight.dtype), mx.zeros_like(idx)
-
-
 class Embedding(nn.Module):
     def __init__(self, vocab_size, dim):
         super().__init__()
         self.weight = mx.zeros((vocab_size, dim))
 
     def __call__(self, idx):
-        return embedding_lookup(self.weight, idx)
+        return embedding_lookup(self.weight, idx, COMPUTE_DTYPE)
 
 
 class CausalSelfAttention(nn.Module):

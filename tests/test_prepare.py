@@ -298,7 +298,7 @@ def test_fast_blas_loader(setting):
 
 
 # ---------------------------------------------------------------------------
-# Fused ops: norm_rotary and softcap_cross_entropy (CUDA kernels, MLX ops elsewhere)
+# Fused ops: norm_rotary, softcap_cross_entropy, embedding_lookup, rms_norm (CUDA paths, MLX ops elsewhere)
 # ---------------------------------------------------------------------------
 
 def reference_softcap_loss(logits, targets, cap):
@@ -331,9 +331,30 @@ def rotary_case(dtype, D=128):
     return lambda x: prepare.norm_rotary(x, cos, sin), reference_norm_rotary, qkv[:, :, 1]
 
 
+def embedding_case(dtype, vocab=50, dim=64):
+    """(op, float32 reference, input) for embedding_lookup: a float32 table looked up into `dtype` rows, with
+    few distinct ids, so that every used row's gradient sums many contributions."""
+    mx.random.seed(5)
+    idx = mx.random.randint(0, 7, (3, 40))
+    return (lambda w: prepare.embedding_lookup(w, idx, dtype), lambda w: w[idx], mx.random.normal((vocab, dim)))
+
+
+def reference_rms_norm(x):
+    x = x.astype(mx.float32)
+    return x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + 1e-6)
+
+
+def rms_norm_case(dtype):
+    """(op, float32 reference, input) for rms_norm."""
+    mx.random.seed(7)
+    return prepare.rms_norm, reference_rms_norm, (2 * mx.random.normal((3, 5, 512))).astype(dtype)
+
+
 # op name -> (case, output dtype for an input dtype, atol in bfloat16, atol of the compiled op in bfloat16)
 FUSED_OPS = {"softcap_cross_entropy": (softcap_case, lambda dtype: mx.float32, 2e-2, 1e-3),
-             "norm_rotary": (rotary_case, lambda dtype: dtype, 5e-2, 5e-2)}
+             "norm_rotary": (rotary_case, lambda dtype: dtype, 5e-2, 5e-2),
+             "embedding_lookup": (embedding_case, lambda dtype: dtype, 5e-2, 1e-2),
+             "rms_norm": (rms_norm_case, lambda dtype: dtype, 5e-2, 5e-2)}
 
 
 def check_fused_op(name, dtype, atol):
@@ -355,6 +376,18 @@ def test_fused_op_matches_its_formula(name):
     check_fused_op(name, mx.float32, atol=1e-4)
 
 
+def test_embedding_lookup_rows_and_float32_gradient():
+    weight = mx.random.normal((50, 8))
+    idx = mx.random.randint(0, 5, (4, 30))  # few ids: every row is gathered many times
+    cotangent = mx.random.normal((4, 30, 8)).astype(mx.bfloat16)
+    (expected,), (expected_grad,) = mx.vjp(lambda w: w[idx].astype(mx.bfloat16), [weight], [cotangent])
+    (out,), (grad,) = mx.vjp(lambda w: prepare.embedding_lookup(w, idx, mx.bfloat16), [weight], [cotangent])
+    assert out.dtype == mx.bfloat16 and grad.dtype == mx.float32
+    assert mx.array_equal(out, expected).item()
+    assert mx.allclose(grad, expected_grad, atol=1e-5).item()
+    assert mx.all(grad[5:] == 0).item()  # rows never looked up get no gradient
+
+
 @pytest.mark.skipif(prepare.HARDWARE.backend != "cuda", reason="the fused kernels are CUDA only")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("name", FUSED_OPS)
@@ -363,3 +396,23 @@ def test_fused_op_cuda_kernel(name, dtype):
     check_fused_op(name, dtype, atol=1e-4 if dtype == mx.float32 else bf16_atol)
     fn, reference, x = case(dtype)
     assert mx.allclose(mx.compile(fn)(x).astype(mx.float32), reference(x), atol=compiled_atol).item()
+
+
+@pytest.mark.skipif(prepare.HARDWARE.backend != "cuda", reason="the fused kernels are CUDA only")
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("layout", ["contiguous", "last axis strided"])
+def test_norm_rotary_kernel_head_sizes_and_strides(D, layout):
+    """The kernel's vector loads (D a multiple of 128) and its scalar path (D = 64, or a strided last axis)."""
+    mx.random.seed(6)
+    B, T, H = 2, 16, 3
+    x = mx.random.normal((B, T, H, D) if layout == "contiguous" else (B, T, D, H)).astype(mx.bfloat16)
+    if layout != "contiguous":
+        x = x.transpose(0, 1, 3, 2)
+    half = D // 2
+    angles = mx.arange(T, dtype=mx.float32)[:, None] * 10000.0 ** (-mx.arange(half, dtype=mx.float32) / half)
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    weights = mx.random.normal(x.shape)
+    grad = mx.grad(lambda x: (prepare.norm_rotary(x, cos, sin).astype(mx.float32) * weights).sum())(x)
+    expected_grad = mx.grad(lambda x: (reference_norm_rotary(x) * weights).sum())(x)
+    assert mx.allclose(prepare.norm_rotary(x, cos, sin).astype(mx.float32), reference_norm_rotary(x), atol=5e-2).item()
+    assert mx.allclose(grad.astype(mx.float32), expected_grad.astype(mx.float32), atol=5e-2).item()

@@ -111,6 +111,17 @@ def test_blocked_sliding_window_equals_the_masked_one(monkeypatch, window, block
         assert mx.allclose(grad, expected_grad, atol=1e-5).item()
 
 
+@pytest.mark.parametrize("ranges", [[(0, 8), (4, 12), (8, 16)], [(2, 5)], [(0, 16), (3, 9), (3, 4)]])
+def test_sequence_slices_value_and_gradient(ranges):
+    x = mx.random.normal((2, 16, 3, 4))
+    cotangents = [mx.random.normal((2, last - first, 3, 4)) for first, last in ranges]
+    plain = lambda x: tuple(x[:, first:last] for first, last in ranges)  # noqa: E731
+    expected, (expected_grad,) = mx.vjp(plain, [x], cotangents)
+    out, (grad,) = mx.vjp(lambda x: train.sequence_slices(x, ranges), [x], cotangents)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(out, expected))
+    assert grad.shape == x.shape and mx.allclose(grad, expected_grad, atol=1e-6).item()
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_relu_squared_value_and_gradient(dtype):
     x = mx.concatenate([mx.random.normal((1000,)), mx.zeros((4,))]).astype(dtype)
@@ -122,19 +133,6 @@ def test_relu_squared_value_and_gradient(dtype):
     tolerance = 1e-6 if dtype == mx.float32 else 1e-2
     assert mx.allclose(out, expected, atol=tolerance, rtol=tolerance).item()
     assert mx.allclose(grad, expected_grad, atol=tolerance, rtol=tolerance).item()
-
-
-def test_embedding_lookup_value_and_gradient():
-    weight = mx.random.normal((50, 8))
-    idx = mx.random.randint(0, 5, (4, 30))  # few ids: every row is gathered many times
-    cotangent = mx.random.normal((4, 30, 8)).astype(train.COMPUTE_DTYPE)
-    plain = lambda w: w[idx].astype(train.COMPUTE_DTYPE)  # noqa: E731
-    (expected,), (expected_grad,) = mx.vjp(plain, [weight], [cotangent])
-    (out,), (grad,) = mx.vjp(lambda w: train.embedding_lookup(w, idx), [weight], [cotangent])
-    assert out.dtype == train.COMPUTE_DTYPE and grad.dtype == mx.float32
-    assert mx.array_equal(out, expected).item()
-    assert mx.allclose(grad, expected_grad, atol=1e-5).item()
-    assert mx.all(grad[5:] == 0).item()  # rows never looked up get no gradient
 
 
 def test_chunked_attention_is_causal_within_each_chunk(monkeypatch):
