@@ -1,4 +1,4 @@
-"""Smoke test of the training-speed benchmark on CPU (small config), so it keeps working as train.py changes."""
+"""Smoke tests of the benchmarks on CPU (small configs), so they keep working as train.py and the harness change."""
 import os
 import re
 import subprocess
@@ -50,3 +50,20 @@ def test_kernel_table_ranks_kernels_by_time():
     assert lines[0] == "| all 7 launches | 10.00 | | 100 % |"
     assert lines[1] == "| gemm/nt | 6.000 | 2 | 60.0 % |"  # a | in a name would break the table
     assert lines[2].startswith("| " + "x" * 107 + "... | 3.000 | 1 | 30.0 % |") and len(lines) == 3
+
+
+@pytest.mark.slow
+def test_parallel_scaling_prints_a_row_per_worker_count():
+    pytest.importorskip("ray", reason="parallel mode needs Ray: uv sync --extra parallel")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "parallel_scaling.py"), "--workers", "1",
+                             "2", "--candidates", "3", "--sleep", "0.5"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d,]+) \| ([\d.]+)x \| ([\d.]+) \| ([^|]+) \|$", result.stdout,
+                      flags=re.M)
+    assert [workers for workers, *_ in rows] == ["1", "2"], result.stdout
+    assert rows[0][3] == "1.00" and all(float(wall) > 0 and float(rate.replace(",", "")) > 0
+                                        for _, wall, rate, *_ in rows)
+    for *_, verdicts in rows:  # every candidate got a verdict, and the stand-in never crashes
+        counts = dict((status, int(n)) for n, status in re.findall(r"(\d+) (\w+)", verdicts))
+        assert sum(counts.values()) == 3 and "crash" not in counts, result.stdout
