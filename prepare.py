@@ -255,6 +255,28 @@ def describe_hardware():
 # Fused ops for train.py: one portable function each, a CUDA kernel where MLX's ops are slow
 # ---------------------------------------------------------------------------
 
+_KERNEL_DTYPES = (mx.float32, mx.bfloat16, mx.float16)  # what the kernels below are built for
+
+# Vectors of N elements for the kernels below: one 4- to 16-byte load or store where N elements are adjacent.
+_VECTOR_HEADER = """
+template <typename U, int N> struct alignas(N * sizeof(U)) Vec { U v[N]; };
+// N elements `stride` apart as floats: one vector load when they are adjacent and the address allows
+template <int N, typename U, typename S> __device__ inline void load_floats(const U* p, S stride, float* out) {
+  if (stride == 1 && reinterpret_cast<size_t>(p) % sizeof(Vec<U, N>) == 0) {
+    const Vec<U, N> v = *reinterpret_cast<const Vec<U, N>*>(p);
+    for (int k = 0; k < N; k++) out[k] = static_cast<float>(v.v[k]);
+  } else {
+    for (int k = 0; k < N; k++) out[k] = static_cast<float>(p[k * stride]);
+  }
+}
+template <int N, typename U> __device__ inline void store_floats(U* p, const float* in) {  // p: aligned, contiguous
+  Vec<U, N> v;
+  for (int k = 0; k < N; k++) v.v[k] = static_cast<U>(in[k]);
+  *reinterpret_cast<Vec<U, N>*>(p) = v;
+}
+"""
+
+
 # Softcapped cross-entropy, one thread block per row of logits. The forward pass keeps a running (max, sum of exp) per thread, merges
 # them across the block and writes loss = lse - y[target] and lse; the backward pass recomputes the softcap
 # from the bf16 logits instead of keeping float32 copies. Both read the logits once. At the H100 configuration
@@ -341,23 +363,6 @@ def _softcap_ce_cuda_vjp(primals, cotangents, outputs):
 # where D allows, so that loads and stores are 4 or 8 bytes wide. The backward pass recomputes the norm from x.
 # At the H100 configuration the fused kernels save 12 ms of a 88 ms micro-batch against MLX ops (copies, norms
 # and rotations of q and k).
-_NORM_ROTARY_HEADER = """
-template <typename U, int N> struct alignas(N * sizeof(U)) Vec { U v[N]; };
-// N elements `stride` apart as floats: one vector load when they are adjacent and the address allows
-template <int N, typename U, typename S> __device__ inline void load_floats(const U* p, S stride, float* out) {
-  if (stride == 1 && reinterpret_cast<size_t>(p) % sizeof(Vec<U, N>) == 0) {
-    const Vec<U, N> v = *reinterpret_cast<const Vec<U, N>*>(p);
-    for (int k = 0; k < N; k++) out[k] = static_cast<float>(v.v[k]);
-  } else {
-    for (int k = 0; k < N; k++) out[k] = static_cast<float>(p[k * stride]);
-  }
-}
-template <int N, typename U> __device__ inline void store_floats(U* p, const float* in) {  // p: aligned, contiguous
-  Vec<U, N> v;
-  for (int k = 0; k < N; k++) v.v[k] = static_cast<U>(in[k]);
-  *reinterpret_cast<Vec<U, N>*>(p) = v;
-}
-"""
 _NORM_ROTARY_COMMON = """
   constexpr int HALF = D / 2, VEC = HALF % 64 == 0 ? 2 : 1, PAIRS = HALF / (32 * VEC);
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -426,9 +431,9 @@ _ROWS_PER_BLOCK = 8
 def _norm_rotary_kernels():
     inputs = ["x", "cos", "sin", "eps"]
     forward = mx.fast.cuda_kernel("norm_rotary_forward", inputs, ["out"], _NORM_ROTARY_FORWARD,
-                                  header=_NORM_ROTARY_HEADER, ensure_row_contiguous=False)
+                                  header=_VECTOR_HEADER, ensure_row_contiguous=False)
     backward = mx.fast.cuda_kernel("norm_rotary_backward", inputs + ["cotangent"], ["dx_out"],
-                                   _NORM_ROTARY_BACKWARD, header=_NORM_ROTARY_HEADER, ensure_row_contiguous=False)
+                                   _NORM_ROTARY_BACKWARD, header=_VECTOR_HEADER, ensure_row_contiguous=False)
     return forward, backward
 
 
@@ -481,7 +486,7 @@ def rms_norm(x, eps=1e-6):
 def softcap_cross_entropy(logits, targets, softcap):
     """Cross-entropy in nats (float32, one per target) of softcap * tanh(logits / softcap), the softcap and the
     softmax computed in float32 whatever the logits' dtype. A fused CUDA kernel on NVIDIA GPUs; MLX ops elsewhere."""
-    if HARDWARE.backend == "cuda" and logits.dtype in (mx.bfloat16, mx.float16, mx.float32):
+    if HARDWARE.backend == "cuda" and logits.dtype in _KERNEL_DTYPES:
         vocab = logits.shape[-1]
         loss, _ = _softcap_ce_cuda(logits.reshape(-1, vocab), targets.reshape(-1).astype(mx.int32),
                                    mx.array([softcap], dtype=mx.float32))
@@ -494,24 +499,21 @@ def softcap_cross_entropy(logits, targets, softcap):
 # (5 tables of 8192 x 512 at the H100 configuration: 4.7 ms of a 62 ms micro-batch, 0.6 ms with these
 # kernels). The backward kernel adds the rows' gradients with float32 atomics, 4 at a time on sm_90 and
 # newer, straight from the bf16 cotangent.
-_EMBEDDING_HEADER = """
-template <typename U> struct alignas(4 * sizeof(U)) Vec4 { U v[4]; };
-"""
 _EMBEDDING_FORWARD = """
   const int row = blockIdx.x, c = 4 * threadIdx.x, id = idx[row];
-  Vec4<T> o;
+  Vec<T, 4> o;
   if (id >= 0 && id < V) {
-    const Vec4<W> w = *reinterpret_cast<const Vec4<W>*>(weight + (size_t)id * DIM + c);
+    const Vec<W, 4> w = *reinterpret_cast<const Vec<W, 4>*>(weight + (size_t)id * DIM + c);
     for (int k = 0; k < 4; k++) o.v[k] = static_cast<T>(static_cast<float>(w.v[k]));
   } else {  // an id outside the table reads nothing: its row is zeros
     for (int k = 0; k < 4; k++) o.v[k] = static_cast<T>(0.0f);
   }
-  *reinterpret_cast<Vec4<T>*>(out + (size_t)row * DIM + c) = o;
+  *reinterpret_cast<Vec<T, 4>*>(out + (size_t)row * DIM + c) = o;
 """
 _EMBEDDING_BACKWARD = """
   const int row = blockIdx.x, c = 4 * threadIdx.x, id = idx[row];
   if (id < 0 || id >= V) return;
-  const Vec4<T> g = *reinterpret_cast<const Vec4<T>*>(cotangent + (size_t)row * DIM + c);
+  const Vec<T, 4> g = *reinterpret_cast<const Vec<T, 4>*>(cotangent + (size_t)row * DIM + c);
   float* dst = grad + (size_t)id * DIM + c;
 #if __CUDA_ARCH__ >= 900
   atomicAdd(reinterpret_cast<float4*>(dst), make_float4(static_cast<float>(g.v[0]), static_cast<float>(g.v[1]),
@@ -525,9 +527,9 @@ _EMBEDDING_BACKWARD = """
 @functools.cache
 def _embedding_kernels():
     forward = mx.fast.cuda_kernel("embedding_forward", ["weight", "idx"], ["out"], _EMBEDDING_FORWARD,
-                                  header=_EMBEDDING_HEADER)
+                                  header=_VECTOR_HEADER)
     backward = mx.fast.cuda_kernel("embedding_backward", ["idx", "cotangent"], ["grad"], _EMBEDDING_BACKWARD,
-                                   header=_EMBEDDING_HEADER)
+                                   header=_VECTOR_HEADER)
     return forward, backward
 
 
@@ -568,8 +570,8 @@ def embedding_lookup(weight, idx, dtype):
     gradient sums each row's contributions in float32 (a frequent token's thousands of rows would swamp
     bfloat16) before casting to the table's dtype. CUDA kernels on NVIDIA GPUs; MLX ops elsewhere."""
     dim = weight.shape[-1]
-    use_kernel = HARDWARE.backend == "cuda" and dim % 4 == 0 and dim <= 4096 and weight.dtype in (
-        mx.float32, mx.bfloat16, mx.float16) and dtype in (mx.float32, mx.bfloat16, mx.float16)
+    use_kernel = (HARDWARE.backend == "cuda" and dim % 4 == 0 and dim <= 4096 and weight.dtype in _KERNEL_DTYPES
+                  and dtype in _KERNEL_DTYPES)
     return _embedding_lookup(dtype, use_kernel)(weight, idx)
 
 # ---------------------------------------------------------------------------

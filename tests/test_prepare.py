@@ -321,13 +321,18 @@ def reference_norm_rotary(x):
     return mx.fast.rope(normed, x.shape[-1], traditional=False, base=10000.0, scale=1.0, offset=0).transpose(0, 2, 1, 3)
 
 
+def rotary_tables(T, D):
+    """cos and sin (T, D/2) of the rotary angles, base 10000, as mx.fast.rope uses them."""
+    half = D // 2
+    angles = mx.arange(T, dtype=mx.float32)[:, None] * 10000.0 ** (-mx.arange(half, dtype=mx.float32) / half)
+    return mx.cos(angles), mx.sin(angles)
+
+
 def rotary_case(dtype, D=128):
     """(op, float32 reference, input) for norm_rotary; the input is a strided slice, as in train.py."""
     mx.random.seed(4)
     qkv = (3 * mx.random.normal((2, 16, 3, 2, D))).astype(dtype)  # (B, T, q/k/v, H, D)
-    half = D // 2
-    angles = mx.arange(16, dtype=mx.float32)[:, None] * 10000.0 ** (-mx.arange(half, dtype=mx.float32) / half)
-    cos, sin = mx.cos(angles), mx.sin(angles)
+    cos, sin = rotary_tables(16, D)
     return lambda x: prepare.norm_rotary(x, cos, sin), reference_norm_rotary, qkv[:, :, 1]
 
 
@@ -408,9 +413,7 @@ def test_norm_rotary_kernel_head_sizes_and_strides(D, layout):
     x = mx.random.normal((B, T, H, D) if layout == "contiguous" else (B, T, D, H)).astype(mx.bfloat16)
     if layout != "contiguous":
         x = x.transpose(0, 1, 3, 2)
-    half = D // 2
-    angles = mx.arange(T, dtype=mx.float32)[:, None] * 10000.0 ** (-mx.arange(half, dtype=mx.float32) / half)
-    cos, sin = mx.cos(angles), mx.sin(angles)
+    cos, sin = rotary_tables(T, D)
     weights = mx.random.normal(x.shape)
     grad = mx.grad(lambda x: (prepare.norm_rotary(x, cos, sin).astype(mx.float32) * weights).sum())(x)
     expected_grad = mx.grad(lambda x: (reference_norm_rotary(x) * weights).sum())(x)

@@ -103,7 +103,7 @@ def test_blocked_sliding_window_equals_the_masked_one(monkeypatch, window, block
 
     def masked(q, k, v):
         return heads(mx.fast.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=D ** -0.5, mask=mask))
-    # same output, and the same gradients through the split-and-concatenate pieces
+    # same output, and the same gradients through the query blocks and the key/value slices
     (expected,), expected_grads = mx.vjp(masked, [q, k, v], [cotangent])
     (out,), grads = mx.vjp(lambda q, k, v: train.attention(q, k, v, window), [q, k, v], [cotangent])
     assert mx.allclose(out, expected, atol=1e-5).item()
