@@ -240,7 +240,19 @@ def detect_hardware():
     return Hardware("cpu", name, mem_gb, cores * 32 * 3e9, "float32", 2, 2, 2**12, 2**17, 8)
 
 
+def keep_kernel_cache(hardware):
+    """On CUDA, MLX compiles its fused kernels with NVRTC the first time each is used (~70 kernels, 137 s of a
+    first run's start-up on an H100 machine, against 12 s once cached) and caches them under /tmp, which a reboot
+    or a fresh container empties. Keep them beside the data instead, per MLX version and GPU, unless
+    MLX_PTX_CACHE_DIR is already set. MLX reads the variable at its first compilation, after this."""
+    if hardware.backend != "cuda" or os.environ.get("MLX_PTX_CACHE_DIR"):
+        return
+    gpu = re.sub(r"[^A-Za-z0-9.-]+", "-", hardware.device_name).strip("-") or "gpu"
+    os.environ["MLX_PTX_CACHE_DIR"] = os.path.join(cache_dir(), "mlx-kernels", mx.__version__, gpu)
+
+
 HARDWARE = detect_hardware()
+keep_kernel_cache(HARDWARE)
 EVAL_TOKENS = int(os.environ.get("AUTORESEARCH_EVAL_TOKENS", HARDWARE.eval_tokens))
 
 

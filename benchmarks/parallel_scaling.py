@@ -9,8 +9,9 @@ wait --all` has every verdict (coordinator and Ray start-up included, as a user 
 
 The stand-in is the harness tests' train.py: it sleeps --sleep seconds and prints a summary, so it measures the
 scheduler alone. --real copies this project's train.py and prepare.py and trains for --budget seconds on the
-prepared cache ($AUTORESEARCH_CACHE). Every candidate runs once (--confirm 0); the goal is experiments/hour
-with N workers >= 0.9 x N x that of one worker.
+prepared cache ($AUTORESEARCH_CACHE), after one untimed warm-up run; it also reports each run's training
+throughput, which shows what runs sharing a GPU get. Every candidate runs once (--confirm 0); the goal is
+experiments/hour with N workers >= 0.9 x N x that of one worker.
 """
 
 import argparse
@@ -25,6 +26,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAND_IN = os.path.join(ROOT, "tests", "fixtures", "train.py")
+sys.path.insert(0, ROOT)
+from autoresearch.ledger import read_ledger  # noqa: E402
 BRANCH = "autoresearch/scaling"
 
 
@@ -62,7 +65,8 @@ def autoresearch(repo, env, *args, timeout=None):
 
 
 def measure(workers, args):
-    """(wall seconds, {status: count}) for args.candidates candidates on `workers` workers."""
+    """(wall seconds, {status: count}, mean training tok/s of one run or None) for args.candidates candidates on
+    `workers` workers."""
     with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
         repo = os.path.join(tmp, "repo")
         make_repo(repo, args.real, args.sleep)
@@ -84,7 +88,24 @@ def measure(workers, args):
                            timeout=120)
         with open(os.path.join(repo, "results.tsv")) as f:
             statuses = [row["status"] for row in csv.DictReader(f, delimiter="\t")]
-    return elapsed, {status: statuses.count(status) for status in sorted(set(statuses))}
+        # what each run trained at: runs that share a GPU each get part of it
+        rates = [m["total_tokens_M"] * 1e6 / m["training_seconds"] for m in
+                 (r.get("metrics") or {} for r in read_ledger(repo))
+                 if isinstance(m.get("total_tokens_M"), float) and m.get("training_seconds")]
+    return elapsed, {status: statuses.count(status) for status in sorted(set(statuses))}, \
+        (sum(rates) / len(rates) if rates else None)
+
+
+def warm_up():
+    """One short train.py run before anything is timed: on a fresh CUDA machine MLX first compiles its kernels
+    (about 2 minutes, then cached), which would otherwise land in the first row alone. Warms this machine only."""
+    t0 = time.monotonic()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "AUTORESEARCH_TIME_BUDGET": "1"})
+    if result.returncode != 0:
+        sys.exit(f"error: the warm-up train.py run exited {result.returncode}:\n{result.stdout[-2000:]}"
+                 f"{result.stderr[-2000:]}")
+    print(f"warm-up train.py run (kernel compilation): {time.monotonic() - t0:.0f} s\n", flush=True)
 
 
 def main():
@@ -100,16 +121,21 @@ def main():
         parser.error("--candidates and --workers must be at least 1")
     what = f"train.py, {args.budget:g} s budget" if args.real else f"stand-in train.py sleeping {args.sleep:g} s"
     print(f"{args.candidates} candidates, {what}, Ray cluster: {args.address or 'local'}\n", flush=True)
-    print("| workers | wall s | experiments/hour | speedup | efficiency | verdicts |\n|---|---|---|---|---|---|", flush=True)
+    if args.real:
+        warm_up()
+    print("| workers | wall s | experiments/hour | speedup | efficiency | tok/s per run | verdicts |\n"
+          "|---|---|---|---|---|---|---|", flush=True)
     first_rate = None
     for workers in args.workers:
-        elapsed, verdicts = measure(workers, args)
+        elapsed, verdicts, run_rate = measure(workers, args)
         rate = args.candidates / elapsed * 3600
         first_rate = first_rate or rate
         speedup = rate / first_rate  # against the first row; efficiency: per worker, against the first row's
         efficiency = speedup * args.workers[0] / workers
         counts = ", ".join(f"{n} {status}" for status, n in verdicts.items())
-        print(f"| {workers} | {elapsed:.1f} | {rate:,.0f} | {speedup:.2f}x | {efficiency:.2f} | {counts} |", flush=True)
+        run_rate = f"{run_rate:,.0f}" if run_rate and args.real else "-"  # the stand-in's figures are made up
+        print(f"| {workers} | {elapsed:.1f} | {rate:,.0f} | {speedup:.2f}x | {efficiency:.2f} | {run_rate} | {counts} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -59,11 +59,12 @@ def test_parallel_scaling_prints_a_row_per_worker_count():
                              "2", "--candidates", "3", "--sleep", "0.5"], cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d,]+) \| ([\d.]+)x \| ([\d.]+) \| ([^|]+) \|$", result.stdout,
-                      flags=re.M)
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d,]+) \| ([\d.]+)x \| ([\d.]+) \| ([-\d,]+) \| ([^|]+) \|$",
+                      result.stdout, flags=re.M)
     assert [workers for workers, *_ in rows] == ["1", "2"], result.stdout
     assert rows[0][3] == "1.00" and all(float(wall) > 0 and float(rate.replace(",", "")) > 0
                                         for _, wall, rate, *_ in rows)
+    assert all(row[5] == "-" for row in rows)  # the stand-in trains nothing: no throughput is made up
     for *_, verdicts in rows:  # every candidate got a verdict, and the stand-in never crashes
         counts = dict((status, int(n)) for n, status in re.findall(r"(\d+) (\w+)", verdicts))
         assert sum(counts.values()) == 3 and "crash" not in counts, result.stdout

@@ -1,4 +1,5 @@
 """prepare.py: tokenizer, dataloader, evaluate_bpb, local corpora and bad input. Offline."""
+import dataclasses
 import glob
 import gzip
 import json
@@ -296,6 +297,19 @@ def test_fast_blas_loader(setting):
     else:
         assert "no fast BLAS" in result.stderr
 
+
+
+def test_cuda_kernel_cache_lives_beside_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
+    prepare.keep_kernel_cache(dataclasses.replace(prepare.HARDWARE, backend="cpu"))
+    assert "MLX_PTX_CACHE_DIR" not in os.environ  # only MLX's CUDA backend compiles kernels at run time
+    gpu = dataclasses.replace(prepare.HARDWARE, backend="cuda", device_name="NVIDIA H100 80GB HBM3")
+    prepare.keep_kernel_cache(gpu)
+    assert os.environ["MLX_PTX_CACHE_DIR"] == str(tmp_path / "mlx-kernels" / mx.__version__ / "NVIDIA-H100-80GB-HBM3")
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", "/somewhere/else")
+    prepare.keep_kernel_cache(gpu)
+    assert os.environ["MLX_PTX_CACHE_DIR"] == "/somewhere/else"  # the user's choice stands
 
 # ---------------------------------------------------------------------------
 # Fused ops: norm_rotary, softcap_cross_entropy, embedding_lookup, rms_norm (CUDA paths, MLX ops elsewhere)
