@@ -88,9 +88,9 @@ def measure(workers, args):
                            timeout=120)
         with open(os.path.join(repo, "results.tsv")) as f:
             statuses = [row["status"] for row in csv.DictReader(f, delimiter="\t")]
-        # what each run trained at: runs that share a GPU each get part of it
-        rates = [m["total_tokens_M"] * 1e6 / m["training_seconds"] for m in
-                 (r.get("metrics") or {} for r in read_ledger(repo))
+        # what each run trained at (runs that share a GPU each get part of it); the stand-in's figures are made up
+        metrics = [r.get("metrics") or {} for r in read_ledger(repo)] if args.real else []
+        rates = [m["total_tokens_M"] * 1e6 / m["training_seconds"] for m in metrics
                  if isinstance(m.get("total_tokens_M"), float) and m.get("training_seconds")]
     return elapsed, {status: statuses.count(status) for status in sorted(set(statuses))}, \
         (sum(rates) / len(rates) if rates else None)
@@ -133,7 +133,7 @@ def main():
         speedup = rate / first_rate  # against the first row; efficiency: per worker, against the first row's
         efficiency = speedup * args.workers[0] / workers
         counts = ", ".join(f"{n} {status}" for status, n in verdicts.items())
-        run_rate = f"{run_rate:,.0f}" if run_rate and args.real else "-"  # the stand-in's figures are made up
+        run_rate = f"{run_rate:,.0f}" if run_rate else "-"
         print(f"| {workers} | {elapsed:.1f} | {rate:,.0f} | {speedup:.2f}x | {efficiency:.2f} | {run_rate} | {counts} |",
               flush=True)
 

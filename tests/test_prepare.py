@@ -275,7 +275,7 @@ def test_corrupt_shard(tmp_path, prepared_cache, monkeypatch):
     with pytest.raises(prepare.PrepareError, match="shard_00000"):
         next(prepare.make_dataloader(tok, 2, 128, "train"))
 
-# --- fast CPU BLAS ------------------------------------------------------------------
+# --- hardware: fast CPU BLAS, CUDA kernel cache ---------------------------------------
 
 
 @pytest.mark.parametrize("setting", ["1", "0"])
@@ -298,7 +298,6 @@ def test_fast_blas_loader(setting):
         assert "no fast BLAS" in result.stderr
 
 
-
 def test_cuda_kernel_cache_lives_beside_the_data(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
     monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
@@ -310,6 +309,7 @@ def test_cuda_kernel_cache_lives_beside_the_data(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", "/somewhere/else")
     prepare.keep_kernel_cache(gpu)
     assert os.environ["MLX_PTX_CACHE_DIR"] == "/somewhere/else"  # the user's choice stands
+
 
 # ---------------------------------------------------------------------------
 # Fused ops: norm_rotary, softcap_cross_entropy, embedding_lookup, rms_norm (CUDA paths, MLX ops elsewhere)
