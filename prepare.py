@@ -506,6 +506,7 @@ def softcap_cross_entropy(logits, targets, softcap):
     capped = softcap * mx.tanh(logits.astype(mx.float32) / softcap)
     return mx.fast.cross_entropy(capped, targets)
 
+
 # Embedding lookup, one thread block per looked-up row, each thread 4 columns. MLX's gather and float32
 # scatter-add run at a fifth of the memory bandwidth for these shapes, after a float32 copy of the cotangent
 # (5 tables of 8192 x 512 at the H100 configuration: 4.7 ms of a 62 ms micro-batch, 0.6 ms with these
@@ -585,6 +586,7 @@ def embedding_lookup(weight, idx, dtype):
     use_kernel = (HARDWARE.backend == "cuda" and dim % 4 == 0 and dim <= 4096 and weight.dtype in _KERNEL_DTYPES
                   and dtype in _KERNEL_DTYPES)
     return _embedding_lookup(dtype, use_kernel)(weight, idx)
+
 
 # ---------------------------------------------------------------------------
 # Data: download climbmix shards
