@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 # prepare must come before mlx: on Linux CPU it loads a fast BLAS that MLX can only pick up at import.
 from prepare import (HARDWARE, MAX_SEQ_LEN, SEED, TIME_BUDGET, VOCAB_SIZE, Tokenizer, describe_hardware,
-                     embedding_lookup, evaluate_bpb, make_dataloader, norm_rotary, rms_norm,
-                     softcap_cross_entropy)
+                     evaluate_bpb, make_dataloader)
+from fused_ops import embedding_lookup, norm_rotary, rms_norm, softcap_cross_entropy
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten

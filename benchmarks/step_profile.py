@@ -14,7 +14,6 @@ is tokens per micro-batch over that time, so it leaves out the optimizer update 
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import importlib.util
 import os
@@ -25,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import prepare  # noqa: E402  (before mlx: it picks the CPU BLAS)
+import fused_ops  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import train  # noqa: E402
 
@@ -59,9 +59,9 @@ def patched(module, patches):
 
 
 def portable(fn):
-    """fn with prepare's fused CUDA kernels switched off: the MLX-ops path every other backend takes."""
+    """fn with the fused CUDA kernels switched off: the MLX-ops path every other backend takes."""
     def call(*args, **kwargs):
-        with patched(prepare, {"HARDWARE": dataclasses.replace(prepare.HARDWARE, backend="portable")}):
+        with fused_ops.mlx_ops_only():
             return fn(*args, **kwargs)
     return call
 
@@ -135,9 +135,9 @@ def main():
           f"window pattern {pattern}{' (CPU: a small config)' if on_cpu else ''}\n", flush=True)
 
     rows = [("train.py as is", train, {}, pattern),
-            ("QK norm + rotary as MLX ops (no fused kernel)", train, {"norm_rotary": portable(prepare.norm_rotary)}, pattern),
+            ("QK norm + rotary as MLX ops (no fused kernel)", train, {"norm_rotary": portable(fused_ops.norm_rotary)}, pattern),
             ("loss as MLX ops (no fused kernel)", train,
-             {"softcap_cross_entropy": portable(prepare.softcap_cross_entropy)}, pattern),
+             {"softcap_cross_entropy": portable(fused_ops.softcap_cross_entropy)}, pattern),
             ('SHORT_WINDOW = "chunked"', train, {"SHORT_WINDOW": "chunked"}, pattern),
             ('WINDOW_PATTERN = "L" (no short windows)', train, {}, "L")]
     if args.baseline:
@@ -171,15 +171,15 @@ def main():
     w = 0.01 * mx.random.normal((vocab, dim))
     targets = mx.random.randint(0, vocab, (B, T))
     print("\n| loss head (matmul, softcap, cross-entropy), fwd+bwd | ms | peak GB |\n|---|---|---|")
-    for label, loss_fn in [("fused kernel where available", prepare.softcap_cross_entropy),
-                           ("MLX ops", portable(prepare.softcap_cross_entropy))]:
+    for label, loss_fn in [("fused kernel where available", fused_ops.softcap_cross_entropy),
+                           ("MLX ops", portable(fused_ops.softcap_cross_entropy))]:
         head = mx.compile(mx.grad(lambda x, w: loss_fn(x @ w.astype(dtype).T, targets, train.LOGIT_SOFTCAP).mean(),
                                   argnums=(0, 1)))
         ms, gb, _ = timed(head, [x, w], args.warmup, args.iters)
         print(f"| {label} | {ms:.2f} | {gb:.1f} |", flush=True)
 
     if args.kernels:
-        if prepare.HARDWARE.backend != "cuda":
+        if not fused_ops.KERNELS:
             print("\n(--kernels: skipped, it profiles CUDA kernels)")
             return 0
         kernels = micro_step(train, {}, pattern, shape, lambda step, inputs: kernel_times(step, inputs, args.iters))

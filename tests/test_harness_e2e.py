@@ -26,7 +26,7 @@ def test_real_train_py_through_the_harness(tmp_path, prepared_cache):
         pytest.skip("train.py not written yet")
     repo = str(tmp_path / "repo")
     os.makedirs(repo)
-    for name in ("train.py", "prepare.py"):
+    for name in ("train.py", "prepare.py", "fused_ops.py"):
         shutil.copy(os.path.join(ROOT, name), repo)
     with open(os.path.join(repo, ".gitignore"), "w") as f:
         f.write("results.tsv\nrun.log\nprogress.png\n.autoresearch/\n__pycache__/\n")
