@@ -33,19 +33,22 @@ VALUE_EMBED_GATE_CHANNELS = 32
 LOGIT_SOFTCAP = 15.0
 COMPUTE_DTYPE = getattr(mx, HARDWARE.compute_dtype)  # activations and matmuls; parameters stay float32
 
-# Optimization: AdamW, one learning rate per parameter group
+# Optimization: AdamW for embeddings, lm_head and scalars; Muon or AdamW for the block matrices
 DEVICE_BATCH_SIZE = HARDWARE.device_batch_size  # rows of MAX_SEQ_LEN per forward/backward
 TOTAL_BATCH_SIZE = HARDWARE.total_batch_size    # tokens per optimizer step
 EMBEDDING_LR = 0.6           # token and value embeddings
 UNEMBEDDING_LR = 0.004       # lm_head
-MATRIX_LR = 0.004            # attention and MLP weights (AdamW)
-MATRIX_OPTIMIZER = "adamw"   # block matrices: "adamw", or "muon" (orthogonalised momentum via Newton-Schulz)
-MUON_LR = 0.02
-MUON_MOMENTUM = 0.95
 SCALAR_LR = 0.5              # x0 lambdas (the residual lambdas get 1% of it)
-WEIGHT_DECAY = 0.0           # decoupled, on matrices only
 ADAM_BETAS = (0.8, 0.95)
+X0_ADAM_BETAS = (0.96, 0.95) # the x0 lambdas average their gradients longer
 ADAM_EPS = 1e-10
+MATRIX_OPTIMIZER = "muon"    # attention and MLP matrices: "muon" (orthogonalised momentum) or "adamw"
+MUON_LR = 0.04               # times sqrt(rows / cols) for tall matrices
+MUON_MOMENTUM = (0.85, 0.95, 300)  # Nesterov momentum, ramped from the first value to the second over N steps
+MUON_BETA2 = 0.95            # per-row (or per-column) second moment that evens out the update's scale (NorMuon)
+MUON_WEIGHT_DECAY = 0.2      # cautious (only where update and weight agree in sign), fading linearly to 0
+MATRIX_LR = 0.004            # the matrices' AdamW learning rate, when MATRIX_OPTIMIZER = "adamw"
+WEIGHT_DECAY = 0.0           # the matrices' decoupled AdamW weight decay
 WARMUP_RATIO = 0.0           # fractions of the time budget
 WARMDOWN_RATIO = 0.5
 FINAL_LR_FRAC = 0.0
@@ -297,7 +300,7 @@ class GPT(nn.Module):
         return 6 * (self.num_params() - embedding_params) + attention
 
 # ---------------------------------------------------------------------------
-# Optimizer: AdamW with a learning rate per parameter group, float32 state
+# Optimizer: AdamW with a learning rate per parameter group, Muon for the block matrices; float32 state
 # ---------------------------------------------------------------------------
 
 
@@ -306,7 +309,8 @@ def is_embedding(name):
 
 
 def parameter_groups(model):
-    """Name -> (learning rate, weight decay, "adamw" or "muon") for every parameter."""
+    """Name -> (learning rate, weight decay, "adamw" or "muon") for every parameter; weight decay of Muon
+    matrices is MUON_WEIGHT_DECAY, applied in the update."""
     lr_scale = (model.config.n_embd / 768) ** -0.5  # embedding LRs were tuned at width 768
     groups = {}
     for name, _ in tree_flatten(model.parameters()):
@@ -319,38 +323,63 @@ def parameter_groups(model):
         elif name == "x0_lambdas":
             groups[name] = (SCALAR_LR, 0.0, "adamw")
         elif MATRIX_OPTIMIZER == "muon":
-            groups[name] = (MUON_LR, WEIGHT_DECAY, "muon")
+            groups[name] = (MUON_LR, MUON_WEIGHT_DECAY, "muon")
         else:
             groups[name] = (MATRIX_LR, WEIGHT_DECAY, "adamw")
     return groups
 
 
-def orthogonalize(g, steps=5):
-    """Newton-Schulz iteration towards the nearest semi-orthogonal matrix (Muon's update direction). The
-    quintic's coefficients trade exactness for speed: singular values land near 1, not exactly on it."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+# Polar Express (Amsel et al., 2025): a different odd quintic per iteration, chosen so that five iterations
+# bring every singular value in (0, 1] close to 1; the plain Newton-Schulz quintic repeats one polynomial.
+POLAR_EXPRESS_COEFFICIENTS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def orthogonalize(g):
+    """The nearest semi-orthogonal matrix to g, approximately (Muon's update direction): singular values land
+    near 1, directions are kept. Iterates on the smaller Gram matrix, in the compute dtype."""
     x = g.astype(COMPUTE_DTYPE)
     tall = x.shape[0] > x.shape[1]
     x = x.T if tall else x
-    x = x / (mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)))) + 1e-7).astype(x.dtype)  # spectral norm <= 1
-    for _ in range(steps):
+    # Frobenius norm >= spectral norm; the 2 % margin keeps bf16 rounding from pushing a singular value past 1
+    x = x / (1.02 * mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)))) + 1e-6).astype(x.dtype)
+    for a, b, c in POLAR_EXPRESS_COEFFICIENTS:
         gram = x @ x.T
         x = a * x + (b * gram + c * (gram @ gram)) @ x
     return (x.T if tall else x).astype(mx.float32)
 
 
-class AdamW:
-    """AdamW for every parameter, or Muon for the block matrices (MATRIX_OPTIMIZER); float32 state."""
+def muon_momentum(step):
+    start, end, ramp_steps = MUON_MOMENTUM
+    return start + (end - start) * min(step / ramp_steps, 1.0)
+
+
+class MuonAdamW:
+    """AdamW for embeddings, lm_head and scalars; for the block matrices Muon (MATRIX_OPTIMIZER = "muon") or
+    AdamW. Float32 state. Muon: Nesterov momentum, orthogonalised, each row (column, for wide matrices) scaled
+    by its running RMS and the whole rescaled to the orthogonalised norm (NorMuon), cautious weight decay."""
 
     def __init__(self, model):
         self.groups = parameter_groups(model)
         params = tree_flatten(model.parameters())
         self.state = {"step": mx.array(0.0),
                       "m": {name: mx.zeros(p.shape, mx.float32) for name, p in params},
-                      "v": {name: mx.zeros(p.shape, mx.float32) for name, p in params if self.groups[name][2] == "adamw"}}
+                      "v": {name: mx.zeros(self.second_moment_shape(name, p), mx.float32) for name, p in params}}
 
-    def update(self, model, grads, lr_multiplier):
-        beta1, beta2 = ADAM_BETAS
+    def second_moment_shape(self, name, p):
+        if self.groups[name][2] == "adamw":
+            return p.shape
+        rows, cols = p.shape
+        return (rows, 1) if rows >= cols else (1, cols)
+
+    def update(self, model, grads, schedule):
+        """schedule: float32 (learning-rate multiplier, Muon momentum, weight-decay multiplier)."""
+        lr_multiplier, momentum, wd_multiplier = schedule[0], schedule[1], schedule[2]
         step = self.state["step"] = self.state["step"] + 1
         grads = dict(tree_flatten(grads))
         updated = []
@@ -358,16 +387,32 @@ class AdamW:
             g = grads[name].astype(mx.float32)
             lr, weight_decay, kind = self.groups[name]
             lr = lr * lr_multiplier
+            m, v = self.state["m"][name], self.state["v"][name]
             if kind == "muon":
-                m = self.state["m"][name] = MUON_MOMENTUM * self.state["m"][name] + g
+                m = momentum * m + (1 - momentum) * g
+                update = orthogonalize((1 - momentum) * g + momentum * m)  # Nesterov: look one step ahead
                 rows, cols = p.shape
-                update = orthogonalize(g + MUON_MOMENTUM * m) * max(1.0, rows / cols) ** 0.5  # Nesterov momentum
+                v = MUON_BETA2 * v + (1 - MUON_BETA2) * mx.mean(mx.square(update), axis=1 if rows >= cols else 0,
+                                                                keepdims=True)
+                scaled = update * mx.rsqrt(mx.maximum(v, 1e-10))
+                norm = lambda x: mx.sqrt(mx.sum(mx.square(x)))
+                update = scaled * (norm(update) / mx.maximum(norm(scaled), 1e-10))
+                decay = weight_decay * wd_multiplier * (update * p >= 0)  # cautious: only where both agree in sign
+                lr = lr * max(1.0, rows / cols) ** 0.5
             else:
-                m = self.state["m"][name] = beta1 * self.state["m"][name] + (1 - beta1) * g
-                v = self.state["v"][name] = beta2 * self.state["v"][name] + (1 - beta2) * mx.square(g)
+                beta1, beta2 = X0_ADAM_BETAS if name == "x0_lambdas" else ADAM_BETAS
+                m = beta1 * m + (1 - beta1) * g
+                v = beta2 * v + (1 - beta2) * mx.square(g)
                 update = (m / (1 - beta1 ** step)) / (mx.sqrt(v / (1 - beta2 ** step)) + ADAM_EPS)
-            updated.append((name, (p * (1 - lr * weight_decay) - lr * update).astype(p.dtype)))
+                decay = weight_decay
+            self.state["m"][name], self.state["v"][name] = m, v
+            updated.append((name, (p * (1 - lr * decay) - lr * update).astype(p.dtype)))
         model.update(tree_unflatten(updated))
+
+
+def schedule(progress, step):
+    """(learning-rate multiplier, Muon momentum, weight-decay multiplier) at a training-time fraction and step."""
+    return mx.array([lr_multiplier(progress), muon_momentum(step), 1.0 - progress], dtype=mx.float32)
 
 
 def lr_multiplier(progress):
@@ -418,7 +463,7 @@ def main():
     config = config_for_depth(DEPTH)
     model = GPT(config)
     model.init_weights()
-    optimizer = AdamW(model)
+    optimizer = MuonAdamW(model)
     mx.eval(model.parameters(), optimizer.state)
     num_params, flops_per_token = model.num_params(), model.flops_per_token()
     print(f"Model: depth {config.n_layer}, dim {config.n_embd}, {config.n_head} heads of {config.head_dim}, "
@@ -433,11 +478,11 @@ def main():
     micro_step = compiled_loss_and_grad(model)
     state = [model.state, optimizer.state]
 
-    def update(grads, lr_mult):
-        optimizer.update(model, tree_map(lambda g: g / grad_accum_steps, grads), lr_mult)
+    def update(grads, schedule_values):
+        optimizer.update(model, tree_map(lambda g: g / grad_accum_steps, grads), schedule_values)
     optimizer_step = mx.compile(update, inputs=state, outputs=state)
 
-    def train_step(lrm):
+    def train_step(progress, step):
         """One optimizer step; returns its mean loss, still lazy (nothing here waits for the device)."""
         loss, grads = 0.0, None
         for _ in range(grad_accum_steps):
@@ -446,7 +491,7 @@ def main():
             loss = loss + micro_loss
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             mx.async_eval(loss, grads)
-        optimizer_step(grads, mx.array(lrm, dtype=mx.float32))
+        optimizer_step(grads, schedule(progress, step))
         mx.async_eval(model.parameters(), optimizer.state)
         return loss / grad_accum_steps
 
@@ -454,8 +499,9 @@ def main():
     unread = []  # (step, loss) dispatched but not read back yet
     smooth_loss, last_log = 0.0, (0.0, UNTIMED_STEPS)  # (training_time, step) at the last progress line
     while training_time < TIME_BUDGET:
-        lrm = lr_multiplier(training_time / TIME_BUDGET)
-        unread.append((step, train_step(lrm)))
+        progress = training_time / TIME_BUDGET
+        lrm = lr_multiplier(progress)
+        unread.append((step, train_step(progress, step)))
         # Read losses one step late: the device starts the next step while the host waits for this one.
         # The compile steps are read at once, so that the clock starts after them.
         while len(unread) > (1 if step >= UNTIMED_STEPS else 0):

@@ -188,7 +188,7 @@ def test_model_is_causal():
 def test_optimizer_steps_lower_the_loss(monkeypatch, matrix_optimizer):
     monkeypatch.setattr(train, "MATRIX_OPTIMIZER", matrix_optimizer)
     model = tiny_model()
-    optimizer = train.AdamW(model)
+    optimizer = train.MuonAdamW(model)
     kinds = {kind for _, _, kind in optimizer.groups.values()}
     assert kinds == {"adamw", matrix_optimizer}
     idx = mx.random.randint(0, VOCAB, (2, 32))
@@ -201,7 +201,7 @@ def test_optimizer_steps_lower_the_loss(monkeypatch, matrix_optimizer):
         params = model.trainable_parameters()
         loss, grads = mx.value_and_grad(loss_of)(params)
         model.update(params)
-        optimizer.update(model, grads, 1.0)
+        optimizer.update(model, grads, train.schedule(0.0, 0))
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
 
@@ -211,7 +211,7 @@ def test_orthogonalize_sets_singular_values_near_one():
     for shape in [(64, 16), (16, 64)]:  # tall and wide
         g = mx.random.normal(shape) * mx.linspace(0.1, 10, shape[1])  # condition number ~100
         s = np.linalg.svd(np.array(train.orthogonalize(g)), compute_uv=False)
-        assert 0.5 < s.min() and s.max() < 1.3  # the quintic lands near 1, not exactly on it
+        assert 0.6 < s.min() and s.max() < 1.25  # the quintics land near 1, not exactly on it
 
 
 def test_lr_schedule():
@@ -256,7 +256,7 @@ def test_short_training_run_learns(prepared_cache):
 @pytest.mark.slow
 def test_nan_loss_stops_the_run(prepared_cache, tmp_path):
     source = Path(ROOT, "train.py").read_text()
-    broken, count = re.subn(r"^MATRIX_LR = .*$", "MATRIX_LR = float('nan')", source, flags=re.MULTILINE)
+    broken, count = re.subn(r"^EMBEDDING_LR = .*$", "EMBEDDING_LR = float('nan')", source, flags=re.MULTILINE)
     assert count == 1
     script = tmp_path / "train.py"
     script.write_text(broken)
