@@ -699,9 +699,6 @@ def read_documents(path, skipped=None):
     if os.path.isdir(path):
         skipped = {} if skipped is None else skipped
         files = folder_files(path, skipped)
-        if not files:
-            counts = ", ".join(f"{len(paths)} {reason}" for reason, paths in sorted(skipped.items())) or "it is empty"
-            raise PrepareError(f"no text files to read under {path} (skipped: {counts})")
         with ThreadPoolExecutor(max_workers=4) as pool:  # reads ahead while the caller hashes and writes
             for i in range(0, len(files), 256):
                 chunk = files[i:i + 256]
@@ -753,16 +750,16 @@ def folder_files(folder, skipped):
         for name in sorted(dirnames):
             rel = os.path.normpath(os.path.join(rel_dir, name))
             if name in SKIPPED_FOLDERS:
-                skipped.setdefault("VCS/tooling folder", []).append(rel + "/")
+                skipped.setdefault("VCS/tooling folders", []).append(rel + "/")
                 dirnames.remove(name)
             elif os.path.islink(os.path.join(dirpath, name)):
-                skipped.setdefault("symlink", []).append(rel)
+                skipped.setdefault("symlinks", []).append(rel)
         for name in filenames:
             rel, full = os.path.normpath(os.path.join(rel_dir, name)), os.path.join(dirpath, name)
             if os.path.islink(full):
-                skipped.setdefault("symlink", []).append(rel)
+                skipped.setdefault("symlinks", []).append(rel)
             elif not os.path.isfile(full):
-                skipped.setdefault("not a regular file", []).append(rel)
+                skipped.setdefault("not regular files", []).append(rel)
             elif not name.endswith(CORPUS_SUFFIXES) and os.path.getsize(full) > MAX_FILE_BYTES:
                 skipped.setdefault(f"over {MAX_FILE_BYTES // 1024} KB", []).append(rel)
             else:
@@ -788,10 +785,13 @@ def _read_folder_file(folder, rel):
 
 
 def report_skipped(skipped):
-    """One line per reason: how many, and the first few by name."""
+    """How many files were left out for each reason, naming the first few."""
+    if skipped:
+        print(f"Skipped {sum(map(len, skipped.values())):,} files or folders:")
     for reason, paths in sorted(skipped.items()):
-        names = ", ".join(paths[:NAMED_SKIPS]) + (f", ... ({len(paths) - NAMED_SKIPS} more)" if len(paths) > NAMED_SKIPS else "")
-        print(f"  skipped {len(paths):,} {reason}: {names}")
+        paths = sorted(paths)
+        more = f", ... ({len(paths) - NAMED_SKIPS:,} more)" if len(paths) > NAMED_SKIPS else ""
+        print(f"  {len(paths):,} {reason}: {', '.join(paths[:NAMED_SKIPS])}{more}")
 
 
 def _write_shard(path, docs):
@@ -826,8 +826,9 @@ def import_local_corpus(source):
             staged.append((shard_index, len(train)))
             _write_shard(shard_path(shard_index) + ".staged", train)
         if not staged or not val:
-            raise PrepareError(f"corpus {path} is too small: {n_docs} non-empty document(s); need at least 2 "
-                               "(one for training, one for validation), and in practice a few MB of text")
+            left_out = "".join(f", {len(paths)} {reason}" for reason, paths in sorted(skipped.items()))
+            raise PrepareError(f"corpus {path} is too small: {n_docs} non-empty document(s){left_out and ' (skipped' + left_out[1:] + ')'}; "
+                               "need at least 2 (one for training, one for validation), and in practice a few MB of text")
         claim_data_source({"source": "local", "sha256": digest.hexdigest()})  # content, not path: caches can move
         _write_shard(shard_path(VAL_SHARD), val)
         for index, _ in staged:
@@ -1128,7 +1129,10 @@ def _tokenize_split(split, pool, workers):
 
     units, n_docs = [], 0
     for path in list_shards(split):
-        metadata = pq.ParquetFile(path).metadata
+        try:
+            metadata = pq.ParquetFile(path).metadata
+        except Exception as e:
+            raise PrepareError(f"cannot read shard {path} ({type(e).__name__}: {e}). Delete it and rerun prepare.py.") from None
         units += [(path, g) for g in range(metadata.num_row_groups)]
         n_docs += metadata.num_rows
     bin_path, idx_path = (os.path.join(tokens_dir(), f"{split}{ext}") for ext in (".bin", ".idx.npy"))
