@@ -4,32 +4,37 @@ Run once before training; train.py imports its runtime half. Never edited by the
 the ops train.py imports beside it).
 
 Usage:
-    uv run prepare.py                     # download climbmix shards + train the tokenizer
+    uv run prepare.py                     # download climbmix shards, train the tokenizer, tokenize once
     uv run prepare.py --num-shards 8      # fewer training shards (the validation shard is pinned)
     uv run prepare.py --source sample     # the bundled public-domain corpus, no internet needed
-    uv run prepare.py --source PATH       # your own .txt / .jsonl / .parquet file, or a folder of them
-    uv run prepare.py --cache-dir DIR     # where data and tokenizer live (or AUTORESEARCH_CACHE)
+    uv run prepare.py --source PATH       # your own .txt / .jsonl / .parquet file, or a folder (source trees too)
+    uv run prepare.py --cache-dir DIR     # where everything lives (or AUTORESEARCH_CACHE)
 
-Everything lives in the cache directory (default ~/.cache/autoresearch):
+Everything lives in the cache directory (default ~/.cache/autoresearch); docs/data.md has the details:
     data/shard_NNNNN.parquet   training shards ("text" column); data/shard_06542.parquet is validation
     data/source.json           which corpus the shards came from
     tokenizer/                 tokenizer.tiktoken (BPE ranks), tokenizer.json (meta), token_bytes.npy
+    tokens/                    both splits tokenized once (train.bin, val.bin, their .idx.npy, manifest.json)
 """
 
 import argparse
 import base64
+import collections
 import ctypes
 import ctypes.util
 import glob
 import gzip
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import queue
 import re
+import shlex
 import sys
 import threading
 import time
@@ -68,7 +73,6 @@ TOKENIZER_DOC_CAP = 10_000            # chars taken from any one document for to
 LOCAL_VAL_EVERY = 10                  # local corpora: every 10th document is held out for validation...
 LOCAL_VAL_MAX_CHARS = 20_000_000      # ...until the validation shard holds this much text
 LOCAL_SHARD_CHARS = 250_000_000       # local corpora: text per training shard
-TOKEN_CACHE_LIMIT = 100_000_000      # a split of at most this many tokens is tokenized once, kept as int32
 LOADER_PREFETCH = 4                   # batches packed ahead by the dataloader's background thread
 EVAL_CHUNK_TOKENS = 32 * MAX_SEQ_LEN  # tokens per model call in evaluate_bpb: bounds the logits' memory
 
@@ -345,6 +349,13 @@ def download_data(num_shards, workers=8, base_url=None, retries=5, backoff=2.0):
 # ---------------------------------------------------------------------------
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
+# Folders (source trees included): every other file is one document, unless it is skipped for a reason below.
+# The cap keeps out generated data: in the Linux 6.12 tree, the 322 files over 256 KB (0.4 % of the files) are
+# mostly AMD GPU register headers and hold 35 % of its bytes; packing uses at most a row (~8 KB) of any document.
+MAX_FILE_BYTES = 256 * 1024
+SKIPPED_FOLDERS = {".git", ".hg", ".svn", ".bzr", "CVS", "__pycache__", "node_modules", ".venv", ".tox",
+                   ".mypy_cache", ".pytest_cache", ".ipynb_checkpoints"}
+NAMED_SKIPS = 5  # skipped files named in prepare.py's output, per reason
 
 
 def _open_text(path):
@@ -352,16 +363,28 @@ def _open_text(path):
     return opener(path, "rt", encoding="utf-8", errors="strict")
 
 
-def read_documents(path):
-    """Yield the documents of a .txt (blank-line separated), .jsonl ("text" field) or .parquet
-    ("text" column) file, or of every such file under a folder, in sorted order."""
+def _txt_documents(text):
+    return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+
+
+def read_documents(path, skipped=None):
+    """Yield the documents of a .txt (blank-line separated), .jsonl ("text" field) or .parquet ("text" column)
+    file, or of a folder: its files in sorted order of their relative paths, those formats read as such and any
+    other text file as one document. Folder files that are binary, not UTF-8, symlinks or over MAX_FILE_BYTES,
+    and SKIPPED_FOLDERS, are left out and recorded in `skipped` (reason -> relative paths)."""
     if os.path.isdir(path):
-        files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                       if p.endswith(CORPUS_SUFFIXES) and os.path.isfile(p))
-        if not files:
-            raise PrepareError(f"no {', '.join(CORPUS_SUFFIXES)} files under {path}")
-        for f in files:
-            yield from read_documents(f)
+        skipped = {} if skipped is None else skipped
+        files = folder_files(path, skipped)
+        with ThreadPoolExecutor(max_workers=4) as pool:  # reads ahead while the caller hashes and writes
+            for i in range(0, len(files), 256):
+                chunk = files[i:i + 256]
+                for rel, text in zip(chunk, pool.map(lambda rel: _read_folder_file(path, rel), chunk)):
+                    if isinstance(text, str):
+                        yield from (_txt_documents(text) if rel.endswith(".txt") else [text] if text.strip() else [])
+                    elif text is None:
+                        yield from read_documents(os.path.join(path, rel))  # a corpus file: read as such
+                    else:
+                        skipped.setdefault(text[0], []).append(rel)
         return
     if not os.path.exists(path):
         raise PrepareError(f"corpus not found: {path}")
@@ -385,13 +408,66 @@ def read_documents(path):
                         yield text
         elif path.endswith((".txt", ".txt.gz")):
             with _open_text(path) as f:
-                yield from (d.strip() for d in re.split(r"\n\s*\n", f.read()) if d.strip())
+                yield from _txt_documents(f.read())
         else:
-            raise PrepareError(f"unsupported corpus file {path}: use one of {', '.join(CORPUS_SUFFIXES)}")
+            raise PrepareError(f"unsupported corpus file {path}: use one of {', '.join(CORPUS_SUFFIXES)}, "
+                               "or a folder of text files")
     except UnicodeDecodeError as e:
         raise PrepareError(f"{path} is not UTF-8 text ({e}). Convert it, e.g. iconv -t UTF-8.") from e
     except (OSError, EOFError) as e:
         raise PrepareError(f"cannot read {path}: {e}") from e
+
+
+def folder_files(folder, skipped):
+    """Sorted relative paths of the regular files under `folder` worth reading; what is left out goes to `skipped`."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):  # never enters symlinked folders
+        rel_dir = os.path.relpath(dirpath, folder)
+        for name in sorted(dirnames):
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            if name in SKIPPED_FOLDERS:
+                skipped.setdefault("VCS/tooling folders", []).append(rel + "/")
+                dirnames.remove(name)
+            elif os.path.islink(os.path.join(dirpath, name)):
+                skipped.setdefault("symlinks", []).append(rel)
+        for name in filenames:
+            rel, full = os.path.normpath(os.path.join(rel_dir, name)), os.path.join(dirpath, name)
+            if os.path.islink(full):
+                skipped.setdefault("symlinks", []).append(rel)
+            elif not os.path.isfile(full):
+                skipped.setdefault("not regular files", []).append(rel)
+            elif not name.endswith(CORPUS_SUFFIXES) and os.path.getsize(full) > MAX_FILE_BYTES:
+                skipped.setdefault(f"over {MAX_FILE_BYTES // 1024} KB", []).append(rel)
+            else:
+                found.append(rel)
+    return sorted(found, key=lambda rel: rel.replace(os.sep, "/"))
+
+
+def _read_folder_file(folder, rel):
+    """The text of a folder's plain (or .txt) file, None for another corpus format, or (reason,) if skipped."""
+    if rel.endswith(CORPUS_SUFFIXES) and not rel.endswith(".txt"):
+        return None
+    try:
+        with open(os.path.join(folder, rel), "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return (f"unreadable ({e.strerror})",)
+    if b"\0" in data:
+        return ("binary (NUL bytes)",)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return ("not UTF-8",)
+
+
+def report_skipped(skipped):
+    """How many files were left out for each reason, naming the first few."""
+    if skipped:
+        print(f"Skipped {sum(map(len, skipped.values())):,} files or folders:")
+    for reason, paths in sorted(skipped.items()):
+        paths = sorted(paths)
+        more = f", ... ({len(paths) - NAMED_SKIPS:,} more)" if len(paths) > NAMED_SKIPS else ""
+        print(f"  {len(paths):,} {reason}: {', '.join(paths[:NAMED_SKIPS])}{more}")
 
 
 def _write_shard(path, docs):
@@ -405,9 +481,11 @@ def import_local_corpus(source):
     digest = hashlib.sha256()
     train, val, val_chars, shard_chars, shard_index, n_docs = [], [], 0, 0, 0, 0
     staged = []  # shards are written under temporary names, renamed only when the corpus read cleanly
+    skipped = {}
+    t0 = time.time()
     os.makedirs(data_dir(), exist_ok=True)
     try:
-        for i, doc in enumerate(read_documents(path)):
+        for i, doc in enumerate(read_documents(path, skipped)):
             n_docs += 1
             digest.update(hashlib.sha256(doc.encode("utf-8")).digest())
             if i % LOCAL_VAL_EVERY == 0 and val_chars < LOCAL_VAL_MAX_CHARS:
@@ -424,8 +502,9 @@ def import_local_corpus(source):
             staged.append((shard_index, len(train)))
             _write_shard(shard_path(shard_index) + ".staged", train)
         if not staged or not val:
-            raise PrepareError(f"corpus {path} is too small: {n_docs} non-empty document(s); need at least 2 "
-                               "(one for training, one for validation), and in practice a few MB of text")
+            left_out = "".join(f", {len(paths)} {reason}" for reason, paths in sorted(skipped.items()))
+            raise PrepareError(f"corpus {path} is too small: {n_docs} non-empty document(s){left_out and ' (skipped' + left_out[1:] + ')'}; "
+                               "need at least 2 (one for training, one for validation), and in practice a few MB of text")
         claim_data_source({"source": "local", "sha256": digest.hexdigest()})  # content, not path: caches can move
         _write_shard(shard_path(VAL_SHARD), val)
         for index, _ in staged:
@@ -434,8 +513,9 @@ def import_local_corpus(source):
         for leftover in glob.glob(os.path.join(data_dir(), "*.staged")):
             os.remove(leftover)
     n_train = sum(n for _, n in staged)
-    print(f"Data: {n_docs} documents from {path}: {n_train} for training in {len(staged)} shard(s), "
-          f"{len(val)} held out for validation ({val_chars:,} chars)")
+    print(f"Data: {n_docs:,} documents from {path} in {time.time() - t0:.1f}s: {n_train:,} for training in "
+          f"{len(staged)} shard(s), {len(val):,} held out for validation ({val_chars:,} chars)")
+    report_skipped(skipped)
 
 
 def claim_data_source(source):
@@ -463,7 +543,15 @@ def list_shards(split):
     val_path = os.path.join(data_dir(), VAL_FILENAME)
     paths = [val_path] if split == "val" else [p for p in paths if p != val_path]
     if not paths or not os.path.exists(paths[0]):
-        raise PrepareError(f"no {split} data in {data_dir()}. Run: uv run prepare.py (or --source sample offline)")
+        if not os.path.exists(os.path.join(data_dir(), "source.json")):
+            raise PrepareError(f"no data in {cache_dir()}. Run: uv run prepare.py --cache-dir {shlex.quote(cache_dir())} "
+                               "(or add --source sample offline)")
+        missing = f"the validation shard {VAL_FILENAME} is" if split == "val" else "the training shards are"
+        if data_source().get("source") == "local":
+            raise PrepareError(f"{missing} missing from {data_dir()}. Import the corpus again: uv run prepare.py "
+                               f"--source YOUR_CORPUS --cache-dir {shlex.quote(cache_dir())} --force")
+        raise PrepareError(f"{missing} missing from {data_dir()}. Download it again: uv run prepare.py "
+                           f"--cache-dir {shlex.quote(cache_dir())}")
     return paths
 
 
@@ -595,46 +683,221 @@ def get_token_bytes():
         raise PrepareError(f"token_bytes.npy is missing or corrupt in {tokenizer_dir()} ({e}). Rerun: uv run prepare.py") from None
 
 # ---------------------------------------------------------------------------
+# Token shards: each split tokenized once by prepare.py, memory-mapped by the dataloader
+# ---------------------------------------------------------------------------
+
+TOKEN_DTYPE = np.uint16   # every id is below VOCAB_SIZE = 8192: 2 bytes a token on disk
+TOKENS_FORMAT = 1         # bump when the layout below changes: older token shards are then made again
+assert VOCAB_SIZE <= np.iinfo(TOKEN_DTYPE).max + 1
+
+# tokens/{split}.bin        the split's documents, each BOS-prefixed, back to back (TOKEN_DTYPE)
+# tokens/{split}.idx.npy    int64 offsets: document d is bin[idx[d]:idx[d + 1]]
+# tokens/manifest.json      what they were made from (tokenizer, corpus shards) and each file's size and sha256;
+#                           written last, so its presence marks complete token shards
+
+
+def tokens_dir():
+    return os.path.join(cache_dir(), "tokens")
+
+
+def prepare_command():
+    """The prepare.py command that completes this cache, keeping the data already in it."""
+    command = f"uv run prepare.py --cache-dir {shlex.quote(cache_dir())}"
+    try:
+        if data_source().get("source") == "climbmix":
+            return command.replace(" --cache-dir", f" --num-shards {len(list_shards('train'))} --cache-dir")
+    except PrepareError:
+        pass
+    return command
+
+
+def tokenizer_fingerprint():
+    """sha256 over the tokenizer's files: token shards made with any other tokenizer are refused."""
+    digest = hashlib.sha256()
+    try:
+        for name in sorted(n for n in os.listdir(tokenizer_dir()) if ".tmp-" not in n):
+            with open(os.path.join(tokenizer_dir(), name), "rb") as f:
+                digest.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    except OSError as e:
+        raise PrepareError(f"cannot read the tokenizer in {tokenizer_dir()} ({e}). Run: {prepare_command()}") from None
+    return digest.hexdigest()
+
+
+def split_identity(split):
+    """Name and size of every corpus shard of a split: token shards of other shards are refused."""
+    return [[os.path.basename(p), os.path.getsize(p)] for p in list_shards(split)]
+
+
+def _file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_token_shards(verify_contents=False):
+    """The token manifest, if both splits' token shards exist and match this cache's corpus and tokenizer (sizes
+    checked; contents too with `verify_contents`). Otherwise a PrepareError that names the command to run."""
+    for split in ("train", "val"):
+        list_shards(split)  # a missing split is named as such
+    rerun = f"Run: {prepare_command()}"
+    try:
+        with open(os.path.join(tokens_dir(), "manifest.json")) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise PrepareError(f"the cache {cache_dir()} has no token shards (it was prepared by an older prepare.py, or "
+                           f"tokenizing did not finish). Tokenize it once: {prepare_command()}") from None
+    except (OSError, ValueError) as e:
+        raise PrepareError(f"the token manifest in {tokens_dir()} is unreadable ({e}). {rerun}") from None
+    if manifest.get("format") != TOKENS_FORMAT or manifest.get("dtype") != np.dtype(TOKEN_DTYPE).name:
+        raise PrepareError(f"the token shards in {tokens_dir()} have an older layout. {rerun}")
+    if manifest.get("tokenizer") != tokenizer_fingerprint():
+        raise PrepareError(f"the token shards in {tokens_dir()} were made with another tokenizer. {rerun}")
+    if manifest.get("source") != data_source():
+        raise PrepareError(f"the token shards in {tokens_dir()} were made from another corpus. {rerun}")
+    for split in ("train", "val"):
+        entry = manifest.get("splits", {}).get(split, {})
+        if entry.get("shards") != split_identity(split):
+            raise PrepareError(f"the {split} shards in {data_dir()} changed since they were tokenized "
+                               f"(now {split_identity(split)}). {rerun}")
+        for name, expected in entry.get("files", {}).items():
+            path = os.path.join(tokens_dir(), name)
+            if not os.path.exists(path) or os.path.getsize(path) != expected["bytes"]:
+                raise PrepareError(f"the token file {path} is missing or truncated. {rerun}")
+            if verify_contents and _file_sha256(path) != expected["sha256"]:
+                raise PrepareError(f"the token file {path} is corrupt (sha256 differs). {rerun}")
+    return manifest
+
+
+_worker_tokenizer = None  # each tokenizing process loads its own
+
+
+def _load_worker_tokenizer():
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_directory()
+
+
+def _tokenize_row_group(unit):
+    """(concatenated BOS-prefixed tokens, document lengths) of one parquet row group, in a worker process."""
+    path, row_group = unit
+    texts = pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column(0).to_pylist()
+    docs = _worker_tokenizer.encode(texts, prepend=_worker_tokenizer.get_bos_token_id(), num_threads=1)
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=TOKEN_DTYPE, count=int(lengths.sum()))
+    return tokens, lengths
+
+
+def _in_order(pool, fn, items, ahead):
+    """pool.imap with at most `ahead` results waiting: memory stays bounded when one item is slow."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _tokenize_split(split, pool, workers):
+    """Write tokens/{split}.bin and .idx.npy; returns the split's manifest entry."""
+    from tqdm import tqdm
+
+    units, n_docs = [], 0
+    for path in list_shards(split):
+        try:
+            metadata = pq.ParquetFile(path).metadata
+        except Exception as e:
+            raise PrepareError(f"cannot read shard {path} ({type(e).__name__}: {e}). Delete it and rerun prepare.py.") from None
+        units += [(path, g) for g in range(metadata.num_row_groups)]
+        n_docs += metadata.num_rows
+    bin_path, idx_path = (os.path.join(tokens_dir(), f"{split}{ext}") for ext in (".bin", ".idx.npy"))
+    unit_docs, lengths = [], [np.zeros(1, np.int64)]
+
+    def write_tokens(tmp):
+        with open(tmp, "wb") as f, tqdm(total=n_docs, desc=f"Tokenizing {split}", unit="doc", unit_scale=True) as bar:
+            for tokens, doc_lengths in _in_order(pool, _tokenize_row_group, units, ahead=2 * workers):
+                f.write(tokens.tobytes())
+                lengths.append(doc_lengths)
+                unit_docs.append(len(doc_lengths))
+                bar.update(len(doc_lengths))
+
+    def write_offsets(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, np.cumsum(np.concatenate(lengths)))
+    write_atomic(bin_path, write_tokens)
+    write_atomic(idx_path, write_offsets)
+    files = {os.path.basename(p): {"bytes": os.path.getsize(p), "sha256": _file_sha256(p)} for p in (bin_path, idx_path)}
+    return {"shards": split_identity(split), "documents": sum(unit_docs), "unit_documents": unit_docs,
+            "tokens": files[f"{split}.bin"]["bytes"] // np.dtype(TOKEN_DTYPE).itemsize, "files": files}
+
+
+def tokenize_corpus(workers=None):
+    """Tokenize both splits once into token shards (every document BOS-prefixed, as the dataloader packs them),
+    in parallel processes, unless token shards for this corpus and tokenizer are already there and intact."""
+    try:
+        manifest = check_token_shards(verify_contents=True)
+        print(f"Tokens: up to date in {tokens_dir()} ({manifest['splits']['train']['tokens']:,} train, "
+              f"{manifest['splits']['val']['tokens']:,} val)")
+        return
+    except PrepareError:
+        pass
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    os.makedirs(tokens_dir(), exist_ok=True)
+    manifest_path = os.path.join(tokens_dir(), "manifest.json")
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)  # from here until the new one is written, the token shards are incomplete
+    manifest = {"format": TOKENS_FORMAT, "dtype": np.dtype(TOKEN_DTYPE).name, "tokenizer": tokenizer_fingerprint(),
+                "source": data_source(), "bos": Tokenizer.from_directory().get_bos_token_id(), "splits": {}}
+    t0 = time.time()
+    # fork on Linux: workers start at once, without importing MLX again; macOS can't fork safely after Metal starts
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Pool(workers, initializer=_load_worker_tokenizer) as pool:
+        for split in ("val", "train"):
+            manifest["splits"][split] = _tokenize_split(split, pool, workers)
+    write_atomic(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
+    n_tokens = sum(s["tokens"] for s in manifest["splits"].values())
+    n_bytes = sum(f["bytes"] for s in manifest["splits"].values() for f in s["files"].values())
+    seconds = time.time() - t0
+    print(f"Tokens: {manifest['splits']['train']['tokens']:,} train + {manifest['splits']['val']['tokens']:,} val "
+          f"in {seconds:.1f}s with {workers} processes ({n_tokens / seconds / 1e6:.2f} M tok/s), "
+          f"{n_bytes / 1e6:,.1f} MB in {tokens_dir()}")
+
+
+def open_token_split(split, manifest):
+    """(tokens, document offsets, first document of each row group) of a split; the tokens stay on disk."""
+    entry = manifest["splits"][split]
+    tokens = np.memmap(os.path.join(tokens_dir(), f"{split}.bin"), dtype=TOKEN_DTYPE, mode="r")
+    offsets = np.load(os.path.join(tokens_dir(), f"{split}.idx.npy"))
+    unit_starts = np.concatenate([[0], np.cumsum(entry["unit_documents"])]).astype(np.int64)
+    if len(offsets) != unit_starts[-1] + 1 or offsets[-1] != len(tokens):
+        raise PrepareError(f"the token files of the {split} split in {tokens_dir()} disagree. Run: {prepare_command()}")
+    return np.asarray(tokens), offsets, unit_starts
+
+# ---------------------------------------------------------------------------
 # Dataloader: BOS-aligned best-fit packing
 # ---------------------------------------------------------------------------
 
-def document_batches(tokenizer, split, seed=SEED, batch_docs=128):
-    """Endless (documents as BOS-prefixed int32 token arrays, epoch) batches. Training shuffles row
-    groups and documents each epoch (deterministic for a seed); validation reads in file order.
-    A split small enough to fit TOKEN_CACHE_LIMIT is tokenized once, not every epoch."""
-    units = []
-    for path in list_shards(split):
-        try:
-            units += [(path, rg) for rg in range(pq.ParquetFile(path).num_row_groups)]
-        except Exception as e:
-            raise PrepareError(f"cannot read shard {path} ({type(e).__name__}: {e}). Delete it and rerun prepare.py.") from None
-    bos = tokenizer.get_bos_token_id()
-    threads = min(8, os.cpu_count() or 1)
-    cache, cached_tokens = {}, 0
+def document_batches(tokens, offsets, unit_starts, shuffle, seed=SEED, batch_docs=128):
+    """Endless (documents as BOS-prefixed token arrays, epoch) batches from a split's token shards. Units are
+    the corpus shards' row groups; with `shuffle` (training) units and the documents within each are shuffled
+    every epoch, deterministically for a seed; without (validation) they come in file order."""
     epoch = 1
     while True:
         rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(units)) if split == "train" else range(len(units))
-        for u in order:
-            docs = cache.get(u)
-            if docs is None:
-                texts = pq.ParquetFile(units[u][0]).read_row_group(units[u][1], columns=["text"]).column(0).to_pylist()
-                docs = [np.array(ids, dtype=np.int32) for ids in tokenizer.encode(texts, prepend=bos, num_threads=threads)]
-                cached_tokens += sum(len(d) for d in docs)
-                if cache is not None and cached_tokens <= TOKEN_CACHE_LIMIT:
-                    cache[u] = docs
-                else:
-                    cache = {}  # too big to keep: a corpus this large is rarely repeated within a run
-            if split == "train":
-                docs = [docs[i] for i in rng.permutation(len(docs))]
+        n_units = len(unit_starts) - 1
+        for u in rng.permutation(n_units) if shuffle else range(n_units):
+            first, last = int(unit_starts[u]), int(unit_starts[u + 1])
+            starts = offsets[first:last + 1].tolist()
+            order = rng.permutation(last - first).tolist() if shuffle else range(last - first)
+            docs = [tokens[starts[i]:starts[i + 1]] for i in order]
             for i in range(0, len(docs), batch_docs):
                 yield docs[i:i + batch_docs], epoch
         epoch += 1
 
 
-def packed_rows(tokenizer, B, T, split, seed, buffer_size):
-    """Endless (B x T+1 int32 rows, epoch) from best-fit packing (see make_dataloader)."""
-    batches = document_batches(tokenizer, split, seed)
+def packed_rows(batches, B, T, buffer_size):
+    """Endless (B x T+1 int32 rows, epoch) packed best fit (see make_dataloader) from document_batches."""
     lengths, docs = [], []  # the buffer, sorted by length: docs[i] has lengths[i] tokens
     buffer_epoch, pending = 1, None
     while True:
@@ -666,18 +929,30 @@ def packed_rows(tokenizer, B, T, split, seed, buffer_size):
 
 
 def make_dataloader(tokenizer, B, T, split, seed=SEED, buffer_size=1000):
-    """Yield endless (inputs, targets, epoch) batches of shape (B, T) as MLX int32 arrays.
+    """Endless (inputs, targets, epoch) batches of shape (B, T) as MLX int32 arrays, from the token shards
+    that prepare.py wrote (checked here, at start-up: a missing or stale split stops a run before it trains).
 
     Every row starts with BOS and is filled with whole documents, best fit first: the longest
     buffered document that fits the space left. Only when none fits is a document cropped
     (the shortest, to fill the row exactly), so there is no padding. A background thread packs
     the next LOADER_PREFETCH batches while the caller computes."""
     assert split in ("train", "val"), split
+    manifest = check_token_shards()
+    if tokenizer.get_bos_token_id() != manifest["bos"]:
+        raise PrepareError(f"this tokenizer's BOS id differs from the token shards' in {tokens_dir()}. "
+                           f"Run: {prepare_command()}")
+    tokens, offsets, unit_starts = open_token_split(split, manifest)
+    rows = packed_rows(document_batches(tokens, offsets, unit_starts, split == "train", seed), B, T, buffer_size)
+    return _prefetched(rows, f"dataloader-{split}")
+
+
+def _prefetched(rows, name):
+    """Yield (inputs, targets, epoch) from a background thread that packs rows ahead of the consumer."""
     ready, stop = queue.Queue(maxsize=LOADER_PREFETCH), threading.Event()
 
     def produce():
         try:
-            for item in packed_rows(tokenizer, B, T, split, seed, buffer_size):
+            for item in rows:
                 while not stop.is_set():
                     try:
                         ready.put(item, timeout=0.1)
@@ -689,7 +964,7 @@ def make_dataloader(tokenizer, B, T, split, seed=SEED, buffer_size=1000):
         except BaseException as e:  # handed to the consumer, raised there
             ready.put(e)
 
-    threading.Thread(target=produce, daemon=True, name=f"dataloader-{split}").start()
+    threading.Thread(target=produce, daemon=True, name=name).start()
     try:
         while True:
             item = ready.get()
@@ -732,6 +1007,13 @@ def evaluate_bpb(model, tokenizer, batch_size):
 # Main
 # ---------------------------------------------------------------------------
 
+def _holds_local_corpus():
+    try:
+        return data_source().get("source") == "local"
+    except PrepareError:
+        return False
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data and tokenizer for autoresearch-mlx")
     parser.add_argument("--num-shards", type=int, default=10, help="climbmix training shards to download (-1: all); the validation shard is always added")
@@ -739,20 +1021,26 @@ def main(argv=None):
     parser.add_argument("--source", help="'sample' (bundled corpus, offline) or a .txt/.jsonl/.parquet file or folder, instead of downloading")
     parser.add_argument("--cache-dir", help=f"cache directory (default: $AUTORESEARCH_CACHE or {DEFAULT_CACHE_DIR})")
     parser.add_argument("--force", action="store_true", help="replace a different corpus already in the cache")
+    parser.add_argument("--tokenize-workers", type=int, help="processes that tokenize the corpus (default: all cores)")
     args = parser.parse_args(argv)
     if args.cache_dir:
         os.environ["AUTORESEARCH_CACHE"] = os.path.abspath(os.path.expanduser(args.cache_dir))
     if args.num_shards == 0 or args.num_shards < -1:
         parser.error("--num-shards must be positive or -1")
+    if args.tokenize_workers is not None and args.tokenize_workers < 1:
+        parser.error("--tokenize-workers must be at least 1")
     print(f"Cache directory: {cache_dir()}")
     try:
         if args.force:
             clear_cache()
         if args.source:
             import_local_corpus(args.source)
+        elif _holds_local_corpus():
+            print(f"Data: the local corpus already in {data_dir()} (--source replaces it)")
         else:
             download_data(MAX_SHARD if args.num_shards == -1 else args.num_shards, workers=args.download_workers)
         train_tokenizer()
+        tokenize_corpus(args.tokenize_workers)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
