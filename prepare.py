@@ -674,7 +674,7 @@ def download_data(num_shards, workers=8, base_url=None, retries=5, backoff=2.0):
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
 # Folders (source trees included): every other file is one document, unless it is skipped for a reason below.
-# The cap keeps out generated data: in the Linux 6.12 tree, the 322 files over 256 KB (0.4 % of the files) are
+# The cap keeps out generated data: in the Linux 6.12 tree, the 321 files over 256 KB (0.4 % of its files) are
 # mostly AMD GPU register headers and hold 35 % of its bytes; packing uses at most a row (~8 KB) of any document.
 MAX_FILE_BYTES = 256 * 1024
 SKIPPED_FOLDERS = {".git", ".hg", ".svn", ".bzr", "CVS", "__pycache__", "node_modules", ".venv", ".tox",
@@ -1184,7 +1184,7 @@ def tokenize_corpus(workers=None):
     n_bytes = sum(f["bytes"] for s in manifest["splits"].values() for f in s["files"].values())
     seconds = time.time() - t0
     print(f"Tokens: {manifest['splits']['train']['tokens']:,} train + {manifest['splits']['val']['tokens']:,} val "
-          f"in {seconds:.1f}s with {workers} processes ({n_tokens / seconds / 1e6:.2f} M tok/s), "
+          f"in {seconds:.1f}s with {workers} process{'es' if workers > 1 else ''} ({n_tokens / seconds / 1e6:.2f} M tok/s), "
           f"{n_bytes / 1e6:,.1f} MB in {tokens_dir()}")
 
 

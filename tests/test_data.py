@@ -147,11 +147,11 @@ def test_token_shards_hold_each_split_tokenized_separately(use_cache):
 
 def test_tokenizing_is_the_same_with_one_or_several_processes(tmp_path, prepared_cache):
     one, two = copy_cache(prepared_cache, tmp_path / "one"), copy_cache(prepared_cache, tmp_path / "two")
-    for cache, workers in [(one, "1"), (two, "2")]:
+    for cache, workers in [(one, "1 process"), (two, "2 processes")]:
         shutil.rmtree(cache / "tokens")
-        result = run_prepare("--cache-dir", str(cache), "--tokenize-workers", workers)
+        result = run_prepare("--cache-dir", str(cache), "--tokenize-workers", workers.split()[0])
         assert result.returncode == 0, result.stderr
-        assert f"with {workers} processes" in result.stdout
+        assert f"with {workers} (" in result.stdout
     for name in ("train.bin", "train.idx.npy", "val.bin", "val.idx.npy", "manifest.json"):
         assert (one / "tokens" / name).read_bytes() == (two / "tokens" / name).read_bytes()
     assert (one / "tokens" / "train.bin").read_bytes() == (Path(prepared_cache) / "tokens" / "train.bin").read_bytes()
