@@ -1105,7 +1105,10 @@ def _load_worker_tokenizer():
 def _tokenize_row_group(unit):
     """(concatenated BOS-prefixed tokens, document lengths) of one parquet row group, in a worker process."""
     path, row_group = unit
-    texts = pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column(0).to_pylist()
+    try:
+        texts = pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column(0).to_pylist()
+    except Exception as e:  # handed to prepare.py's main process as one line
+        raise PrepareError(f"cannot read shard {path} ({type(e).__name__}: {e}). Delete it and rerun prepare.py.") from None
     docs = _worker_tokenizer.encode(texts, prepend=_worker_tokenizer.get_bos_token_id(), num_threads=1)
     lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
     tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=TOKEN_DTYPE, count=int(lengths.sum()))

@@ -253,6 +253,19 @@ def test_prepare_rerun_finds_corrupt_token_files_by_checksum(tmp_path, prepared_
     assert result.returncode == 0 and "up to date" not in result.stdout
     assert (cache / "tokens" / "train.bin").read_bytes() == (Path(prepared_cache) / "tokens" / "train.bin").read_bytes()
 
+def test_unreadable_shard_while_tokenizing_is_one_line(tmp_path, prepared_cache):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    shard = cache / "data" / "shard_00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[1000:len(data) // 2] = bytes(len(data) // 2 - 1000)  # the data pages, not the footer
+    shard.write_bytes(bytes(data))
+    shutil.rmtree(cache / "tokens")
+    result = run_prepare("--cache-dir", str(cache))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot read shard {shard}" in result.stderr
+    assert not (cache / "tokens" / "manifest.json").exists()
+
+
 # --- a missing split is found at start-up --------------------------------------------------------
 
 
