@@ -1081,10 +1081,12 @@ def check_token_shards(verify_contents=False):
     if manifest.get("source") != data_source():
         raise PrepareError(f"the token shards in {tokens_dir()} were made from another corpus. {rerun}")
     for split in ("train", "val"):
-        entry = manifest.get("splits", {}).get(split, {})
-        if entry.get("shards") != split_identity(split):
+        entry, now = manifest.get("splits", {}).get(split, {}), split_identity(split)
+        if entry.get("shards") != now:
+            changed = sorted({name for name, _ in now} ^ {name for name, _ in entry.get("shards", [])}
+                             or {name for name, size in now if [name, size] not in entry.get("shards", [])})
             raise PrepareError(f"the {split} shards in {data_dir()} changed since they were tokenized "
-                               f"(now {split_identity(split)}). {rerun}")
+                               f"({', '.join(changed)}). {rerun}")
         for name, expected in entry.get("files", {}).items():
             path = os.path.join(tokens_dir(), name)
             if not os.path.exists(path) or os.path.getsize(path) != expected["bytes"]:
