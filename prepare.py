@@ -350,7 +350,7 @@ def download_data(num_shards, workers=8, base_url=None, retries=5, backoff=2.0):
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
 # Folders (source trees included): every other file is one document, unless it is skipped for a reason below.
-# The cap keeps out generated data: in the Linux 6.12 tree, the 322 files over 256 KB (0.4 % of the files) are
+# The cap keeps out generated data: in the Linux 6.12 tree, the 321 files over 256 KB (0.4 % of its files) are
 # mostly AMD GPU register headers and hold 35 % of its bytes; packing uses at most a row (~8 KB) of any document.
 MAX_FILE_BYTES = 256 * 1024
 SKIPPED_FOLDERS = {".git", ".hg", ".svn", ".bzr", "CVS", "__pycache__", "node_modules", ".venv", ".tox",
@@ -757,10 +757,12 @@ def check_token_shards(verify_contents=False):
     if manifest.get("source") != data_source():
         raise PrepareError(f"the token shards in {tokens_dir()} were made from another corpus. {rerun}")
     for split in ("train", "val"):
-        entry = manifest.get("splits", {}).get(split, {})
-        if entry.get("shards") != split_identity(split):
+        entry, now = manifest.get("splits", {}).get(split, {}), split_identity(split)
+        if entry.get("shards") != now:
+            changed = sorted({name for name, _ in now} ^ {name for name, _ in entry.get("shards", [])}
+                             or {name for name, size in now if [name, size] not in entry.get("shards", [])})
             raise PrepareError(f"the {split} shards in {data_dir()} changed since they were tokenized "
-                               f"(now {split_identity(split)}). {rerun}")
+                               f"({', '.join(changed)}). {rerun}")
         for name, expected in entry.get("files", {}).items():
             path = os.path.join(tokens_dir(), name)
             if not os.path.exists(path) or os.path.getsize(path) != expected["bytes"]:
@@ -781,7 +783,10 @@ def _load_worker_tokenizer():
 def _tokenize_row_group(unit):
     """(concatenated BOS-prefixed tokens, document lengths) of one parquet row group, in a worker process."""
     path, row_group = unit
-    texts = pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column(0).to_pylist()
+    try:
+        texts = pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column(0).to_pylist()
+    except Exception as e:  # handed to prepare.py's main process as one line
+        raise PrepareError(f"cannot read shard {path} ({type(e).__name__}: {e}). Delete it and rerun prepare.py.") from None
     docs = _worker_tokenizer.encode(texts, prepend=_worker_tokenizer.get_bos_token_id(), num_threads=1)
     lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
     tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=TOKEN_DTYPE, count=int(lengths.sum()))
@@ -860,7 +865,7 @@ def tokenize_corpus(workers=None):
     n_bytes = sum(f["bytes"] for s in manifest["splits"].values() for f in s["files"].values())
     seconds = time.time() - t0
     print(f"Tokens: {manifest['splits']['train']['tokens']:,} train + {manifest['splits']['val']['tokens']:,} val "
-          f"in {seconds:.1f}s with {workers} processes ({n_tokens / seconds / 1e6:.2f} M tok/s), "
+          f"in {seconds:.1f}s with {workers} process{'es' if workers > 1 else ''} ({n_tokens / seconds / 1e6:.2f} M tok/s), "
           f"{n_bytes / 1e6:,.1f} MB in {tokens_dir()}")
 
 

@@ -68,3 +68,16 @@ def test_parallel_scaling_prints_a_row_per_worker_count():
     for *_, verdicts in rows:  # every candidate got a verdict, and the stand-in never crashes
         counts = dict((status, int(n)) for n, status in re.findall(r"(\d+) (\w+)", verdicts))
         assert sum(counts.values()) == 3 and "crash" not in counts, result.stdout
+
+
+def test_loader_speed_prints_both_loaders(prepared_cache):
+    env = {**os.environ, "AUTORESEARCH_CACHE": prepared_cache}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "loader_speed.py"), "--seconds", "0.5",
+                             "--batch", "4", "--cache-limit", "0", "--threads", "1"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = re.findall(r"^\| (memory-mapped token shards|tokenized on the fly \(cache limit 0\)) \| (-|1) \| ([\d,]+) \| "
+                      r"([\d,]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", result.stdout, flags=re.M)
+    assert [row[0] for row in rows] == ["memory-mapped token shards", "tokenized on the fly (cache limit 0)"], result.stdout
+    for _, _, batches, tok_s, ms, cpu_ms, busy in rows:
+        assert int(batches.replace(",", "")) > 0 and float(tok_s.replace(",", "")) > 0 and float(ms) > 0

@@ -147,11 +147,11 @@ def test_token_shards_hold_each_split_tokenized_separately(use_cache):
 
 def test_tokenizing_is_the_same_with_one_or_several_processes(tmp_path, prepared_cache):
     one, two = copy_cache(prepared_cache, tmp_path / "one"), copy_cache(prepared_cache, tmp_path / "two")
-    for cache, workers in [(one, "1"), (two, "2")]:
+    for cache, workers in [(one, "1 process"), (two, "2 processes")]:
         shutil.rmtree(cache / "tokens")
-        result = run_prepare("--cache-dir", str(cache), "--tokenize-workers", workers)
+        result = run_prepare("--cache-dir", str(cache), "--tokenize-workers", workers.split()[0])
         assert result.returncode == 0, result.stderr
-        assert f"with {workers} processes" in result.stdout
+        assert f"with {workers} (" in result.stdout
     for name in ("train.bin", "train.idx.npy", "val.bin", "val.idx.npy", "manifest.json"):
         assert (one / "tokens" / name).read_bytes() == (two / "tokens" / name).read_bytes()
     assert (one / "tokens" / "train.bin").read_bytes() == (Path(prepared_cache) / "tokens" / "train.bin").read_bytes()
@@ -252,6 +252,19 @@ def test_prepare_rerun_finds_corrupt_token_files_by_checksum(tmp_path, prepared_
     result = run_prepare("--cache-dir", str(cache))
     assert result.returncode == 0 and "up to date" not in result.stdout
     assert (cache / "tokens" / "train.bin").read_bytes() == (Path(prepared_cache) / "tokens" / "train.bin").read_bytes()
+
+def test_unreadable_shard_while_tokenizing_is_one_line(tmp_path, prepared_cache):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    shard = cache / "data" / "shard_00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[1000:len(data) // 2] = bytes(len(data) // 2 - 1000)  # the data pages, not the footer
+    shard.write_bytes(bytes(data))
+    shutil.rmtree(cache / "tokens")
+    result = run_prepare("--cache-dir", str(cache))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot read shard {shard}" in result.stderr
+    assert not (cache / "tokens" / "manifest.json").exists()
+
 
 # --- a missing split is found at start-up --------------------------------------------------------
 
