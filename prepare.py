@@ -862,6 +862,15 @@ def train_tokenizer():
     print(f"Tokenizer: {VOCAB_SIZE} tokens trained in {time.time() - t0:.1f}s, saved to {tokenizer_dir()}")
 
 
+def read_ranks(path):
+    """The BPE ranks of a .tiktoken file (one `base64(token) rank` per line). Read here rather than through
+    tiktoken.load, which caches files by path in the temp folder: a cache prepared again with another corpus
+    would get the old tokenizer back."""
+    with open(path, "rb") as f:
+        pairs = (line.split() for line in f if line.strip())
+        return {base64.b64decode(token, validate=True): int(rank) for token, rank in pairs}
+
+
 class Tokenizer:
     """tiktoken encoding of the trained BPE, plus the BOS token."""
 
@@ -872,14 +881,13 @@ class Tokenizer:
     @classmethod
     def from_directory(cls, directory=None):
         import tiktoken
-        import tiktoken.load
 
         directory = directory or tokenizer_dir()
         rerun = "Rerun: uv run prepare.py (add the same --source/--cache-dir as before)."
         try:
             with open(os.path.join(directory, "tokenizer.json")) as f:
                 meta = json.load(f)
-            ranks = tiktoken.load.load_tiktoken_bpe(os.path.join(directory, "tokenizer.tiktoken"))
+            ranks = read_ranks(os.path.join(directory, "tokenizer.tiktoken"))
             token_bytes = np.load(os.path.join(directory, "token_bytes.npy"))
         except FileNotFoundError as e:
             raise PrepareError(f"no trained tokenizer in {directory} ({os.path.basename(e.filename)} missing). {rerun}") from None
@@ -887,6 +895,14 @@ class Tokenizer:
             raise PrepareError(f"the tokenizer in {directory} is corrupt ({type(e).__name__}: {e}). {rerun}") from None
         if meta.get("vocab_size") != VOCAB_SIZE or len(ranks) + len(SPECIAL_TOKENS) != VOCAB_SIZE or token_bytes.shape != (VOCAB_SIZE,):
             raise PrepareError(f"the tokenizer in {directory} does not match VOCAB_SIZE={VOCAB_SIZE}. {rerun}")
+        # token_bytes.npy weighs every token in val_bpb: it must describe these very ranks, or the metric is wrong
+        lengths = np.zeros(VOCAB_SIZE, dtype=np.int64)
+        for token, rank in ranks.items():
+            if 0 <= rank < VOCAB_SIZE:
+                lengths[rank] = len(token)
+        if sorted(ranks.values()) != list(range(len(ranks))) or not np.array_equal(lengths, token_bytes):
+            raise PrepareError(f"the tokenizer in {directory} does not match its token_bytes.npy (the files come from "
+                               f"two different preparations). {rerun}")
         if meta.get("source") != data_source():
             raise PrepareError(f"the tokenizer in {directory} was trained on another corpus than the data in {data_dir()}. {rerun}")
         special = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}

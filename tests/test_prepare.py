@@ -1,4 +1,5 @@
 """prepare.py: tokenizer, dataloader, evaluate_bpb, local corpora and bad input. Offline."""
+import base64
 import dataclasses
 import glob
 import gzip
@@ -53,6 +54,24 @@ def test_token_bytes_match_tokens(use_cache):
         assert token_bytes[i] == len(tok.enc.decode_single_token_bytes(i))
     assert token_bytes[tok.get_bos_token_id()] == 0
     assert token_bytes[:256].min() == 1  # every single byte is a token
+
+def test_preparing_a_cache_again_with_another_corpus_gives_the_new_tokenizer(tmp_path, monkeypatch):
+    # tiktoken's loader caches a ranks file by its path: the second preparation used to load the first's ranks
+    other = tmp_path / "upper.jsonl"
+    other.write_text("".join(json.dumps({"text": d.upper()}) + "\n" for d in sample_docs()))
+    cache = tmp_path / "cache"
+    assert run_prepare("--source", "sample", "--cache-dir", str(cache)).returncode == 0
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    first = prepare.Tokenizer.from_directory()
+    assert run_prepare("--source", str(other), "--cache-dir", str(cache), "--force").returncode == 0
+    tok = prepare.Tokenizer.from_directory()
+    lines = (cache / "tokenizer" / "tokenizer.tiktoken").read_text().split("\n")
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    assert all(tok.enc.decode_single_token_bytes(rank) == token for token, rank in ranks.items())
+    assert tok.encode("THE KING") != first.encode("THE KING")
+    token_bytes = np.array(prepare.get_token_bytes())
+    assert all(token_bytes[i] == len(tok.enc.decode_single_token_bytes(i)) for i in range(prepare.VOCAB_SIZE - 1))
+
 
 # --- dataloader ---------------------------------------------------------------
 
@@ -256,6 +275,8 @@ def copy_cache(src, dst):
     (lambda c: (c / "tokenizer" / "tokenizer.tiktoken").write_text("garbage\n"), "corrupt"),
     (lambda c: (c / "tokenizer" / "tokenizer.json").write_text("{"), "corrupt"),
     (lambda c: np.save(c / "tokenizer" / "token_bytes.npy", np.zeros(10, np.int32)), "does not match"),
+    (lambda c: np.save(c / "tokenizer" / "token_bytes.npy",  # right size, another tokenizer's lengths
+                       np.roll(np.load(c / "tokenizer" / "token_bytes.npy"), 1)), "token_bytes.npy"),
     (lambda c: (c / "data" / "source.json").write_text('{"source": "other"}'), "another corpus"),
 ])
 def test_damaged_tokenizer(tmp_path, prepared_cache, monkeypatch, damage, message):
