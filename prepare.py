@@ -1044,29 +1044,53 @@ def make_dataloader(tokenizer, B, T, split, seed=SEED, buffer_size=1000):
 # Evaluation: the fixed metric
 # ---------------------------------------------------------------------------
 
+def cross_entropy_nats(logits, targets):
+    """Cross-entropy in nats of each target under (..., V) logits, in float32 whatever the logits' dtype."""
+    logits = logits.astype(mx.float32)
+    target_logits = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+    return mx.logsumexp(logits, axis=-1) - target_logits
+
+
 def evaluate_bpb(model, tokenizer, batch_size):
     """Validation bits per byte: total cross-entropy (nats) over target tokens divided by
     ln(2) * their total UTF-8 bytes; special tokens count 0 bytes and are left out of both sums.
+    Returns (val_bpb, tokens evaluated).
 
-    `model(inputs, targets=targets, reduction="none")` must return per-token losses in nats.
-    Reads EVAL_TOKENS of the validation shard (stopping early if the shard is smaller, so no token is
-    counted twice), calling the model on at most EVAL_CHUNK_TOKENS at a time to bound memory."""
+    `model(inputs)` must return the logits, (rows, MAX_SEQ_LEN, VOCAB_SIZE), for (rows, MAX_SEQ_LEN) int32
+    inputs; the cross-entropy is computed here, so train.py cannot change the metric. Reads the first
+    EVAL_TOKENS of the validation split and stops at its end, so no token is counted twice. The model gets
+    batch_size rows a call (at most EVAL_CHUNK_TOKENS, to bound the logits' memory); the result does not
+    depend on it."""
     token_bytes = get_token_bytes()
-    loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
-    steps = max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN))
-    rows = max(1, EVAL_CHUNK_TOKENS // MAX_SEQ_LEN)
-    total_nats, total_bytes = 0.0, 0
-    for step in range(steps):
+    wanted_rows = max(1, EVAL_TOKENS // MAX_SEQ_LEN)
+    inputs, targets = [], []
+    loader = make_dataloader(tokenizer, 1, MAX_SEQ_LEN, "val")  # one row at a time: the epoch marks each row
+    while len(inputs) < wanted_rows:
         x, y, epoch = next(loader)
-        if epoch > 1 and step > 0:
-            break
-        for i in range(0, batch_size, rows):
-            xc, yc = x[i:i + rows], y[i:i + rows]
-            nbytes = token_bytes[yc]
-            loss = mx.where(nbytes > 0, model(xc, targets=yc, reduction="none").astype(mx.float32), 0.0)
-            total_nats += float(np.array(loss).astype(np.float64).sum())  # float64: sums over millions of tokens
-            total_bytes += int(np.array(nbytes).sum())
-    return total_nats / (math.log(2) * total_bytes)
+        if epoch > 1:
+            break  # the row holds documents from the split's start again
+        inputs.append(x)
+        targets.append(y)
+    loader.close()
+    if not inputs:
+        raise PrepareError(f"the validation split in {data_dir()} holds less than one row of {MAX_SEQ_LEN + 1} tokens. "
+                           "Prepare a bigger corpus (prepare.py --source PATH --force).")
+    if len(inputs) < wanted_rows:
+        print(f"Eval: the validation split ends after {len(inputs) * MAX_SEQ_LEN:,} tokens, fewer than the "
+              f"{EVAL_TOKENS:,} asked for: each is evaluated once", flush=True)
+    rows = max(1, min(batch_size, EVAL_CHUNK_TOKENS // MAX_SEQ_LEN))
+    total_nats, total_bytes = 0.0, 0
+    for i in range(0, len(inputs), rows):
+        x, y = mx.concatenate(inputs[i:i + rows]), mx.concatenate(targets[i:i + rows])
+        logits = model(x)
+        if logits.shape != (*y.shape, VOCAB_SIZE):
+            raise ValueError(f"evaluate_bpb: the model returned shape {logits.shape} for inputs {x.shape}; "
+                             f"it must return logits of shape {(*y.shape, VOCAB_SIZE)}")
+        nbytes = token_bytes[y]
+        nats = mx.where(nbytes > 0, cross_entropy_nats(logits, y), 0.0)
+        total_nats += float(np.array(nats).astype(np.float64).sum())  # float64: sums over millions of tokens
+        total_bytes += int(np.array(nbytes).sum())
+    return total_nats / (math.log(2) * total_bytes), len(inputs) * MAX_SEQ_LEN
 
 # ---------------------------------------------------------------------------
 # Main

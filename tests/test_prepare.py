@@ -133,16 +133,15 @@ def test_dataloader_thread_ends_with_its_consumer(use_cache):
 # --- evaluate_bpb -----------------------------------------------------------------
 
 
-class ConstantLossModel:
-    """Uniform logits: every token costs ln(V) nats."""
+class UniformModel:
+    """Logits of zeros: every token costs ln(V) nats. Records how many rows each call gets."""
 
     def __init__(self):
-        self.max_rows = 0
+        self.calls = []
 
-    def __call__(self, x, targets=None, reduction="mean"):
-        assert reduction == "none"
-        self.max_rows = max(self.max_rows, x.shape[0])
-        return mx.full(targets.shape, math.log(prepare.VOCAB_SIZE))
+    def __call__(self, x):
+        self.calls.append(x.shape[0])
+        return mx.zeros((*x.shape, prepare.VOCAB_SIZE))
 
 
 def test_evaluate_bpb_uniform_logits_is_log2_vocab_per_token(use_cache, monkeypatch):
@@ -158,22 +157,86 @@ def test_evaluate_bpb_uniform_logits_is_log2_vocab_per_token(use_cache, monkeypa
         b = token_bytes[np.array(y)]
         tokens += int((b > 0).sum())
         nbytes += int(b.sum())
-    model = ConstantLossModel()
-    bpb = prepare.evaluate_bpb(model, tok, 4)
+    model = UniformModel()
+    bpb, evaluated = prepare.evaluate_bpb(model, tok, 4)
     assert bpb == pytest.approx(math.log2(prepare.VOCAB_SIZE) * tokens / nbytes, rel=1e-6)
-    assert model.max_rows == 2  # called in chunks, never on the whole batch
+    assert evaluated == 16 * prepare.MAX_SEQ_LEN
+    assert max(model.calls) == 2 and sum(model.calls) == 16  # called in chunks, never on the whole batch
 
 
-def test_evaluate_bpb_stops_before_repeating_the_validation_shard(use_cache, monkeypatch):
-    monkeypatch.setattr(prepare, "EVAL_TOKENS", 10**9)
-    calls = []
+class LowRankModel:
+    """Fixed random logits from a token's embedding; a loss API that lies (every token costs 0 nats)."""
 
-    def model(x, targets=None, reduction="none"):
-        calls.append(x.shape[0])
-        return mx.zeros(targets.shape)
-    assert prepare.evaluate_bpb(model, prepare.Tokenizer.from_directory(), 8) == 0.0
-    val_tokens = sum(len(t) for t in prepare.Tokenizer.from_directory().encode(shard_texts(prepare.list_shards("val")[0])))
-    assert 0 < sum(calls) * prepare.MAX_SEQ_LEN <= val_tokens + 8 * prepare.MAX_SEQ_LEN
+    def __init__(self, dtype=mx.float32):
+        rng = np.random.default_rng(0)
+        self.embed = rng.standard_normal((prepare.VOCAB_SIZE, 8)).astype(np.float32)
+        self.unembed = 2 * rng.standard_normal((8, prepare.VOCAB_SIZE)).astype(np.float32)
+        self.dtype = dtype
+
+    def logits(self, x):
+        return mx.array(self.embed)[x] @ mx.array(self.unembed)
+
+    def __call__(self, x, targets=None, reduction="mean"):
+        if targets is not None:
+            return mx.zeros(targets.shape)
+        return self.logits(x).astype(self.dtype)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_evaluate_bpb_scores_the_logits_itself(use_cache, monkeypatch, dtype):
+    # the metric comes from the model's logits, computed in float32 here, not from a loss train.py could change
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 3 * prepare.MAX_SEQ_LEN)
+    tok = prepare.Tokenizer.from_directory()
+    model = LowRankModel(dtype)
+    bpb, evaluated = prepare.evaluate_bpb(model, tok, 2)
+    x, y, _ = next(prepare.make_dataloader(tok, 3, prepare.MAX_SEQ_LEN, "val"))
+    logits = np.array(model.logits(x).astype(dtype).astype(mx.float32)).astype(np.float64)
+    y = np.array(y)
+    top = logits.max(-1, keepdims=True)
+    log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    nats = -np.take_along_axis(log_probs, y[..., None], -1)[..., 0]
+    nbytes = np.array(prepare.get_token_bytes())[y]
+    assert evaluated == 3 * prepare.MAX_SEQ_LEN
+    assert bpb == pytest.approx(nats[nbytes > 0].sum() / (math.log(2) * nbytes.sum()), rel=1e-5)
+
+
+def small_validation_split(cache, n_docs, max_chars=None):
+    """Keep only the first n_docs documents of the cache's validation shard (cut to max_chars); returns
+    its token count."""
+    path = cache / "data" / prepare.VAL_FILENAME
+    docs = [doc[:max_chars] for doc in shard_texts(path)[:n_docs]]
+    pq.write_table(pa.table({"text": docs}), path)
+    return sum(len(ids) for ids in prepare.Tokenizer.from_directory().encode(docs, prepend=0))
+
+
+def test_evaluate_bpb_never_counts_a_token_twice(tmp_path, prepared_cache, monkeypatch, capsys):
+    # a split smaller than one evaluation batch used to be read round again within that first batch
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    val_tokens = small_validation_split(cache, 6, max_chars=8000)
+    assert 2 * prepare.MAX_SEQ_LEN < val_tokens < 8 * prepare.MAX_SEQ_LEN
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 8 * prepare.MAX_SEQ_LEN)
+    tok = prepare.Tokenizer.from_directory()
+    seen = []
+
+    def model(x):
+        seen.append(np.array(x))
+        return mx.zeros((*x.shape, prepare.VOCAB_SIZE))
+    _, evaluated = prepare.evaluate_bpb(model, tok, 8)
+    rows = np.concatenate(seen)
+    assert evaluated == rows.size < val_tokens
+    # every evaluated row is a new stretch of the split: no row repeats another's documents
+    starts = {tuple(row[:64]) for row in rows}
+    assert len(starts) == len(rows)
+    assert "fewer than" in capsys.readouterr().out
+
+
+def test_evaluate_bpb_refuses_a_split_shorter_than_a_row(tmp_path, prepared_cache, monkeypatch):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    assert small_validation_split(cache, 1, max_chars=2000) <= prepare.MAX_SEQ_LEN
+    with pytest.raises(prepare.PrepareError, match="validation split"):
+        prepare.evaluate_bpb(UniformModel(), prepare.Tokenizer.from_directory(), 8)
 
 # --- local corpora ---------------------------------------------------------------
 
