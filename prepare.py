@@ -645,8 +645,9 @@ def download_data(num_shards, workers=8, base_url=None, retries=5, backoff=2.0):
     from tqdm import tqdm
 
     base_url = base_url or os.environ.get("AUTORESEARCH_DATA_URL") or BASE_URL
+    source = {"source": "climbmix", "url": base_url}
+    check_data_source(source)  # the cache is claimed only once every shard is in (below)
     os.makedirs(data_dir(), exist_ok=True)
-    claim_data_source({"source": "climbmix", "url": base_url})
     ids = list(range(min(num_shards, MAX_SHARD))) + [VAL_SHARD]
     todo = [i for i in ids if not os.path.exists(shard_path(i))]
     print(f"Data: {len(ids) - len(todo)}/{len(ids)} shards already in {data_dir()}, downloading {len(todo)} from {base_url}")
@@ -663,6 +664,7 @@ def download_data(num_shards, workers=8, base_url=None, retries=5, backoff=2.0):
             f"{len(failed)} shard(s) failed to download after retries:\n{detail}\n"
             "Without internet, use the bundled corpus: uv run prepare.py --source sample "
             "(or your own text: --source PATH).")
+    claim_data_source(source)
 
 # ---------------------------------------------------------------------------
 # Data: a local corpus written in the same shard layout
@@ -762,18 +764,36 @@ def import_local_corpus(source):
           f"{len(val)} held out for validation ({val_chars:,} chars)")
 
 
-def claim_data_source(source):
-    """Record which corpus the cache holds; refuse to mix two corpora in one cache."""
+def check_data_source(source):
+    """Refuse to mix two corpora in one cache. Returns True if the cache already holds this one."""
     manifest = os.path.join(data_dir(), "source.json")
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            current = json.load(f)
-        if current != source:
-            raise PrepareError(
-                f"the cache {cache_dir()} already holds another corpus ({current}).\n"
-                "Use another --cache-dir (or AUTORESEARCH_CACHE), or rerun with --force to replace it.")
+    if not os.path.exists(manifest):
+        return False
+    with open(manifest) as f:
+        current = json.load(f)
+    if current != source:
+        raise PrepareError(
+            f"the cache {cache_dir()} already holds another corpus ({current}).\n"
+            "Use another --cache-dir (or AUTORESEARCH_CACHE), or rerun with --force to replace it.")
+    return True
+
+
+def claim_data_source(source):
+    """Record which corpus the cache holds, once it holds all of it; refuse to mix two corpora in one cache."""
+    if not check_data_source(source):
+        write_atomic(os.path.join(data_dir(), "source.json"), lambda tmp: Path(tmp).write_text(json.dumps(source)))
+
+
+def discard_unclaimed_shards():
+    """Shards without a source.json are what an unfinished download left (a local corpus claims the cache
+    before its shards take their final names): kept for a retry of that download, removed for another corpus."""
+    if os.path.exists(os.path.join(data_dir(), "source.json")):
         return
-    write_atomic(manifest, lambda tmp: Path(tmp).write_text(json.dumps(source)))
+    leftovers = glob.glob(os.path.join(data_dir(), "shard_*.parquet"))
+    for path in leftovers:
+        os.remove(path)
+    if leftovers:
+        print(f"Data: removed {len(leftovers)} shard(s) left in {data_dir()} by an unfinished download")
 
 
 def clear_cache():
@@ -1113,6 +1133,7 @@ def main(argv=None):
         if args.force:
             clear_cache()
         if args.source:
+            discard_unclaimed_shards()
             import_local_corpus(args.source)
         else:
             download_data(MAX_SHARD if args.num_shards == -1 else args.num_shards, workers=args.download_workers)
