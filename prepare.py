@@ -19,6 +19,7 @@ import argparse
 import base64
 import ctypes
 import ctypes.util
+import errno
 import functools
 import glob
 import gzip
@@ -81,6 +82,27 @@ if TIME_BUDGET <= 0:
 
 class PrepareError(Exception):
     """A problem the user can fix (bad input, missing data); printed without a traceback."""
+
+
+def describe_write_error(e, folder):
+    """One line for an OSError met while writing under `folder`: what happened and how to fix it."""
+    code = e.errno
+    if code is None:  # pyarrow puts the errno in its message only
+        found = re.search(r"errno (\d+)", str(e), flags=re.IGNORECASE)
+        code = int(found.group(1)) if found else None
+    where = f"--cache-dir (or AUTORESEARCH_CACHE)"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        hint = f"The disk is full: free some space and rerun, or use another disk through {where}."
+    elif code == errno.EROFS:
+        hint = f"The disk is read-only: use a writable folder through {where}."
+    elif code in (errno.EACCES, errno.EPERM):
+        hint = f"No permission to write there: use a folder you own through {where}."
+    elif code in (errno.ENOTDIR, errno.EEXIST):
+        hint = f"{folder} or a folder above it is a file: name a folder (created if missing) through {where}."
+    else:
+        hint = f"Check the disk, or use another folder through {where}."
+    reason = os.strerror(code) if code else str(e)
+    return f"cannot write to {e.filename or folder}: {reason}. {hint}"
 
 
 def _report_prepare_error(exc_type, exc, tb, default_hook=sys.excepthook):
@@ -909,7 +931,7 @@ class Tokenizer:
                 meta = json.load(f)
             ranks = read_ranks(os.path.join(directory, "tokenizer.tiktoken"))
             token_bytes = np.load(os.path.join(directory, "token_bytes.npy"))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, NotADirectoryError) as e:
             raise PrepareError(f"no trained tokenizer in {directory} ({os.path.basename(e.filename)} missing). {rerun}") from None
         except Exception as e:
             raise PrepareError(f"the tokenizer in {directory} is corrupt ({type(e).__name__}: {e}). {rerun}") from None
@@ -1140,6 +1162,9 @@ def main(argv=None):
         train_tokenizer()
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # read-only or full disk, a file where the cache folder should be
+        print(f"error: {describe_write_error(e, cache_dir())}", file=sys.stderr)
         return 1
     print("Done. Ready to train: uv run train.py")
     return 0

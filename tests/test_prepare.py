@@ -1,6 +1,7 @@
 """prepare.py: tokenizer, dataloader, evaluate_bpb, local corpora and bad input. Offline."""
 import base64
 import dataclasses
+import errno
 import glob
 import gzip
 import json
@@ -317,6 +318,33 @@ def test_missing_corpus_and_missing_data(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "AUTORESEARCH_CACHE": str(tmp_path / "empty")})
     assert result.returncode == 1 and "prepare.py" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("code,message", [(errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only"),
+                                          (errno.EACCES, "No permission")])
+def test_disk_errors_are_one_line(tmp_path, monkeypatch, capsys, code, message):
+    # the disk refuses a write once the shards are read: os-level errors and pyarrow's (errno in the text only)
+    real_write_atomic = prepare.write_atomic
+
+    def refuse(tmp):
+        raise OSError(code, os.strerror(code), tmp) if code != errno.ENOSPC else OSError(
+            f"[Errno {code}] Error writing bytes to file. Detail: [errno {code}] {os.strerror(code)}")
+    monkeypatch.setattr(prepare, "write_atomic", lambda path, write_fn: real_write_atomic(
+        path, lambda tmp: (write_fn(tmp), refuse(tmp))))
+    cache = tmp_path / "cache"
+    assert prepare.main(["--source", "sample", "--cache-dir", str(cache)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and "--cache-dir" in err
+    assert not [p for p in glob.glob(str(cache / "**" / "*"), recursive=True) if os.path.isfile(p)]
+
+
+def test_cache_dir_that_is_a_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    result = run_prepare("--source", "sample", "--cache-dir", str(afile))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "is a file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert afile.read_text() == "not a folder"
 
 
 def test_too_small_for_the_vocabulary(tmp_path):
