@@ -31,6 +31,7 @@ import os
 import platform
 import queue
 import re
+import shlex
 import sys
 import threading
 import time
@@ -1138,6 +1139,14 @@ def evaluate_bpb(model, tokenizer, batch_size):
 # Main
 # ---------------------------------------------------------------------------
 
+def train_command():
+    """The command that trains on this cache: train.py finds a cache other than the default only through the
+    environment."""
+    if os.path.abspath(cache_dir()) == os.path.abspath(DEFAULT_CACHE_DIR):
+        return "uv run train.py"
+    return f"AUTORESEARCH_CACHE={shlex.quote(cache_dir())} uv run train.py"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data and tokenizer for autoresearch-mlx")
     parser.add_argument("--num-shards", type=int, default=10, help="climbmix training shards to download (-1: all); the validation shard is always added")
@@ -1166,7 +1175,7 @@ def main(argv=None):
     except OSError as e:  # read-only or full disk, a file where the cache folder should be
         print(f"error: {describe_write_error(e, cache_dir())}", file=sys.stderr)
         return 1
-    print("Done. Ready to train: uv run train.py")
+    print(f"Done. Ready to train: {train_command()}")
     return 0
 
 

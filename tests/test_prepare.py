@@ -270,6 +270,17 @@ def test_local_formats_and_folder(tmp_path):
     assert shard_texts(again / "data" / prepare.VAL_FILENAME) == val
 
 
+def test_ready_message_names_the_cache(tmp_path):
+    cache = tmp_path / "my cache"
+    result = run_prepare("--source", "sample", "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.strip().splitlines()[-1].split("Ready to train: ", 1)[1]
+    assert command == f"AUTORESEARCH_CACHE='{cache}' uv run train.py"
+    # the printed command is what a shell runs: its AUTORESEARCH_CACHE points at this cache
+    env = subprocess.run(["sh", "-c", command.replace("uv run train.py", "env")], capture_output=True, text=True)
+    assert f"AUTORESEARCH_CACHE={cache}\n" in env.stdout
+
+
 def test_shared_corpus_and_cache_env(tmp_path):
     shared = os.path.join(ROOT, "..", "shared", "data", "shakespeare.jsonl")
     if not os.path.exists(shared):
