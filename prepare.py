@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 
 MAX_SEQ_LEN = 2048          # context length of training rows and of evaluation
 TIME_BUDGET = 300           # training seconds per experiment
-EVAL_TOKENS = 3 * 524288    # validation tokens for val_bpb (the hardware profile may lower it on CPU)
+EVAL_TOKENS = 3 * 524288    # validation tokens for val_bpb (fewer on CPU: evaluation within ~10 % of the budget)
 VOCAB_SIZE = 8192           # BPE vocabulary, special tokens included
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -91,7 +91,7 @@ def describe_write_error(e, folder):
     if code is None:  # pyarrow puts the errno in its message only
         found = re.search(r"errno (\d+)", str(e), flags=re.IGNORECASE)
         code = int(found.group(1)) if found else None
-    where = f"--cache-dir (or AUTORESEARCH_CACHE)"
+    where = "--cache-dir (or AUTORESEARCH_CACHE)"
     if code in (errno.ENOSPC, errno.EDQUOT):
         hint = f"The disk is full: free some space and rerun, or use another disk through {where}."
     elif code == errno.EROFS:
@@ -260,7 +260,9 @@ def detect_hardware():
     # CPU: a tiny model in fp32 (bf16 matmuls have no fast CPU kernels). Peak: 32 fp32 FLOP/cycle/core at ~3 GHz.
     cores = os.cpu_count() or 1
     # Batches of 2 rows: twice the optimizer steps in 5 minutes, which learned more than bigger batches here.
-    return Hardware("cpu", name, mem_gb, cores * 32 * 3e9, "float32", 2, 2, 2**12, 2**17, 8)
+    # Evaluation: 16 rows, ~15 s on 2 cores (2**17 tokens took 62.6 s, a fifth of the budget); what the smaller
+    # evaluation costs in precision is measured in docs/evaluation.md.
+    return Hardware("cpu", name, mem_gb, cores * 32 * 3e9, "float32", 2, 2, 2**12, 2**15, 8)
 
 
 def keep_kernel_cache(hardware):
@@ -1111,7 +1113,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
     while len(inputs) < wanted_rows:
         x, y, epoch = next(loader)
         if epoch > 1:
-            break  # the row holds documents from the split's start again
+            break  # the row holds documents of the split's next pass: each token counts once
         inputs.append(x)
         targets.append(y)
     loader.close()
