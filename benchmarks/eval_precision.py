@@ -24,13 +24,14 @@ import numpy as np  # noqa: E402
 import train  # noqa: E402
 
 
-def score_rows(model, tokenizer):
-    """(nats, bytes) of every row of the validation split, each row once, and the seconds per row."""
+def score_rows(model, tokenizer, max_rows=None):
+    """(nats, bytes) of every row of the validation split (or its first max_rows), each row once, and the
+    seconds per row."""
     token_bytes = prepare.get_token_bytes()
     loader = prepare.make_dataloader(tokenizer, 1, prepare.MAX_SEQ_LEN, "val")
     nats, nbytes, seconds = [], [], []
     for x, y, epoch in loader:
-        if epoch > 1:
+        if epoch > 1 or len(nats) == max_rows:
             break
         t0 = time.time()
         b = token_bytes[y]
@@ -42,12 +43,12 @@ def score_rows(model, tokenizer):
     return np.array(nats), np.array(nbytes), float(np.median(seconds[1:] or seconds))
 
 
-def train_and_score(seed):
+def train_and_score(seed, max_rows=None):
     """Run train.py's main() for this seed; its evaluation call is replaced by score_rows."""
     scored = {}
 
     def capture(model, tokenizer, batch_size):
-        scored["rows"] = score_rows(model, tokenizer)
+        scored["rows"] = score_rows(model, tokenizer, max_rows)
         nats, nbytes, _ = scored["rows"]
         return nats.sum() / (math.log(2) * nbytes.sum()), len(nats) * prepare.MAX_SEQ_LEN
     train.SEED = seed
@@ -74,10 +75,11 @@ def main():
     parser.add_argument("--budget", type=float, default=120, help="training seconds per model")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="rows of 2048 tokens")
+    parser.add_argument("--max-rows", type=int, help="score only the split's first rows (smoke tests)")
     args = parser.parse_args()
     default_budget, profile_rows = prepare.TIME_BUDGET, prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN
     prepare.TIME_BUDGET = train.TIME_BUDGET = args.budget
-    results = {seed: train_and_score(seed) for seed in args.seeds}
+    results = {seed: train_and_score(seed, args.max_rows) for seed in args.seeds}
     print("\n=== evaluation precision ===")
     print(f"cache {prepare.cache_dir()}, {prepare.describe_hardware()}, budget {args.budget:g}s per model")
     for seed, (nats, nbytes, sec) in results.items():
