@@ -390,6 +390,18 @@ def test_damaged_tokenizer(tmp_path, prepared_cache, monkeypatch, damage, messag
     assert "prepare.py" in str(err.value)
 
 
+def test_rerunning_prepare_repairs_a_corrupt_tokenizer(tmp_path, prepared_cache, monkeypatch):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    good = prepare.Tokenizer.from_directory()  # loaded once while intact (tiktoken's loader cached it then)
+    ranks_file = cache / "tokenizer" / "tokenizer.tiktoken"
+    ranks_file.write_text(ranks_file.read_text()[:5000])  # cut short, as by a full disk
+    result = run_prepare("--source", "sample", "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    assert "already trained" not in result.stdout
+    assert prepare.Tokenizer.from_directory().encode("Hello world") == good.encode("Hello world")
+
+
 def test_corrupt_shard(tmp_path, prepared_cache, monkeypatch):
     cache = copy_cache(prepared_cache, tmp_path / "cache")
     (cache / "data" / "shard_00000.parquet").write_bytes(b"PAR1 not really")
