@@ -22,6 +22,7 @@ import base64
 import collections
 import ctypes
 import ctypes.util
+import errno
 import glob
 import gzip
 import hashlib
@@ -53,7 +54,7 @@ import pyarrow.parquet as pq
 
 MAX_SEQ_LEN = 2048          # context length of training rows and of evaluation
 TIME_BUDGET = 300           # training seconds per experiment
-EVAL_TOKENS = 3 * 524288    # validation tokens for val_bpb (the hardware profile may lower it on CPU)
+EVAL_TOKENS = 3 * 524288    # validation tokens for val_bpb (fewer on CPU: evaluation within ~10 % of the budget)
 VOCAB_SIZE = 8192           # BPE vocabulary, special tokens included
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -85,6 +86,27 @@ if TIME_BUDGET <= 0:
 
 class PrepareError(Exception):
     """A problem the user can fix (bad input, missing data); printed without a traceback."""
+
+
+def describe_write_error(e, folder):
+    """One line for an OSError met while writing under `folder`: what happened and how to fix it."""
+    code = e.errno
+    if code is None:  # pyarrow puts the errno in its message only
+        found = re.search(r"errno (\d+)", str(e), flags=re.IGNORECASE)
+        code = int(found.group(1)) if found else None
+    where = "--cache-dir (or AUTORESEARCH_CACHE)"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        hint = f"The disk is full: free some space and rerun, or use another disk through {where}."
+    elif code == errno.EROFS:
+        hint = f"The disk is read-only: use a writable folder through {where}."
+    elif code in (errno.EACCES, errno.EPERM):
+        hint = f"No permission to write there: use a folder you own through {where}."
+    elif code in (errno.ENOTDIR, errno.EEXIST):
+        hint = f"{folder} or a folder above it is a file: name a folder (created if missing) through {where}."
+    else:
+        hint = f"Check the disk, or use another folder through {where}."
+    reason = os.strerror(code) if code else str(e)
+    return f"cannot write to {e.filename or folder}: {reason}. {hint}"
 
 
 def _report_prepare_error(exc_type, exc, tb, default_hook=sys.excepthook):
@@ -241,7 +263,9 @@ def detect_hardware():
     # CPU: a tiny model in fp32 (bf16 matmuls have no fast CPU kernels). Peak: 32 fp32 FLOP/cycle/core at ~3 GHz.
     cores = os.cpu_count() or 1
     # Batches of 2 rows: twice the optimizer steps in 5 minutes, which learned more than bigger batches here.
-    return Hardware("cpu", name, mem_gb, cores * 32 * 3e9, "float32", 2, 2, 2**12, 2**17, 8)
+    # Evaluation: 16 rows, ~15 s on 2 cores (2**17 tokens took 62.6 s, a fifth of the budget); what the smaller
+    # evaluation costs in precision is measured in docs/evaluation.md.
+    return Hardware("cpu", name, mem_gb, cores * 32 * 3e9, "float32", 2, 2, 2**12, 2**15, 8)
 
 
 def keep_kernel_cache(hardware):
@@ -325,8 +349,9 @@ def download_data(num_shards, workers=8, base_url=None, retries=5, backoff=2.0):
     from tqdm import tqdm
 
     base_url = base_url or os.environ.get("AUTORESEARCH_DATA_URL") or BASE_URL
+    source = {"source": "climbmix", "url": base_url}
+    check_data_source(source)  # the cache is claimed only once every shard is in (below)
     os.makedirs(data_dir(), exist_ok=True)
-    claim_data_source({"source": "climbmix", "url": base_url})
     ids = list(range(min(num_shards, MAX_SHARD))) + [VAL_SHARD]
     todo = [i for i in ids if not os.path.exists(shard_path(i))]
     print(f"Data: {len(ids) - len(todo)}/{len(ids)} shards already in {data_dir()}, downloading {len(todo)} from {base_url}")
@@ -343,6 +368,7 @@ def download_data(num_shards, workers=8, base_url=None, retries=5, backoff=2.0):
             f"{len(failed)} shard(s) failed to download after retries:\n{detail}\n"
             "Without internet, use the bundled corpus: uv run prepare.py --source sample "
             "(or your own text: --source PATH).")
+    claim_data_source(source)
 
 # ---------------------------------------------------------------------------
 # Data: a local corpus written in the same shard layout
@@ -518,18 +544,36 @@ def import_local_corpus(source):
     report_skipped(skipped)
 
 
-def claim_data_source(source):
-    """Record which corpus the cache holds; refuse to mix two corpora in one cache."""
+def check_data_source(source):
+    """Refuse to mix two corpora in one cache. Returns True if the cache already holds this one."""
     manifest = os.path.join(data_dir(), "source.json")
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            current = json.load(f)
-        if current != source:
-            raise PrepareError(
-                f"the cache {cache_dir()} already holds another corpus ({current}).\n"
-                "Use another --cache-dir (or AUTORESEARCH_CACHE), or rerun with --force to replace it.")
+    if not os.path.exists(manifest):
+        return False
+    with open(manifest) as f:
+        current = json.load(f)
+    if current != source:
+        raise PrepareError(
+            f"the cache {cache_dir()} already holds another corpus ({current}).\n"
+            "Use another --cache-dir (or AUTORESEARCH_CACHE), or rerun with --force to replace it.")
+    return True
+
+
+def claim_data_source(source):
+    """Record which corpus the cache holds, once it holds all of it; refuse to mix two corpora in one cache."""
+    if not check_data_source(source):
+        write_atomic(os.path.join(data_dir(), "source.json"), lambda tmp: Path(tmp).write_text(json.dumps(source)))
+
+
+def discard_unclaimed_shards():
+    """Shards without a source.json are what an unfinished download left (a local corpus claims the cache
+    before its shards take their final names): kept for a retry of that download, removed for another corpus."""
+    if os.path.exists(os.path.join(data_dir(), "source.json")):
         return
-    write_atomic(manifest, lambda tmp: Path(tmp).write_text(json.dumps(source)))
+    leftovers = glob.glob(os.path.join(data_dir(), "shard_*.parquet"))
+    for path in leftovers:
+        os.remove(path)
+    if leftovers:
+        print(f"Data: removed {len(leftovers)} shard(s) left in {data_dir()} by an unfinished download")
 
 
 def clear_cache():
@@ -626,6 +670,15 @@ def train_tokenizer():
     print(f"Tokenizer: {VOCAB_SIZE} tokens trained in {time.time() - t0:.1f}s, saved to {tokenizer_dir()}")
 
 
+def read_ranks(path):
+    """The BPE ranks of a .tiktoken file (one `base64(token) rank` per line). Read here rather than through
+    tiktoken.load, which caches files by path in the temp folder: a cache prepared again with another corpus
+    would get the old tokenizer back."""
+    with open(path, "rb") as f:
+        pairs = (line.split() for line in f if line.strip())
+        return {base64.b64decode(token, validate=True): int(rank) for token, rank in pairs}
+
+
 class Tokenizer:
     """tiktoken encoding of the trained BPE, plus the BOS token."""
 
@@ -636,21 +689,28 @@ class Tokenizer:
     @classmethod
     def from_directory(cls, directory=None):
         import tiktoken
-        import tiktoken.load
 
         directory = directory or tokenizer_dir()
         rerun = "Rerun: uv run prepare.py (add the same --source/--cache-dir as before)."
         try:
             with open(os.path.join(directory, "tokenizer.json")) as f:
                 meta = json.load(f)
-            ranks = tiktoken.load.load_tiktoken_bpe(os.path.join(directory, "tokenizer.tiktoken"))
+            ranks = read_ranks(os.path.join(directory, "tokenizer.tiktoken"))
             token_bytes = np.load(os.path.join(directory, "token_bytes.npy"))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, NotADirectoryError) as e:
             raise PrepareError(f"no trained tokenizer in {directory} ({os.path.basename(e.filename)} missing). {rerun}") from None
         except Exception as e:
             raise PrepareError(f"the tokenizer in {directory} is corrupt ({type(e).__name__}: {e}). {rerun}") from None
         if meta.get("vocab_size") != VOCAB_SIZE or len(ranks) + len(SPECIAL_TOKENS) != VOCAB_SIZE or token_bytes.shape != (VOCAB_SIZE,):
             raise PrepareError(f"the tokenizer in {directory} does not match VOCAB_SIZE={VOCAB_SIZE}. {rerun}")
+        # token_bytes.npy weighs every token in val_bpb: it must describe these very ranks, or the metric is wrong
+        lengths = np.zeros(VOCAB_SIZE, dtype=np.int64)
+        for token, rank in ranks.items():
+            if 0 <= rank < VOCAB_SIZE:
+                lengths[rank] = len(token)
+        if sorted(ranks.values()) != list(range(len(ranks))) or not np.array_equal(lengths, token_bytes):
+            raise PrepareError(f"the tokenizer in {directory} does not match its token_bytes.npy (the files come from "
+                               f"two different preparations). {rerun}")
         if meta.get("source") != data_source():
             raise PrepareError(f"the tokenizer in {directory} was trained on another corpus than the data in {data_dir()}. {rerun}")
         special = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
@@ -984,33 +1044,65 @@ def _prefetched(rows, name):
 # Evaluation: the fixed metric
 # ---------------------------------------------------------------------------
 
+def cross_entropy_nats(logits, targets):
+    """Cross-entropy in nats of each target under (..., V) logits, in float32 whatever the logits' dtype."""
+    logits = logits.astype(mx.float32)
+    target_logits = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+    return mx.logsumexp(logits, axis=-1) - target_logits
+
+
 def evaluate_bpb(model, tokenizer, batch_size):
     """Validation bits per byte: total cross-entropy (nats) over target tokens divided by
     ln(2) * their total UTF-8 bytes; special tokens count 0 bytes and are left out of both sums.
+    Returns (val_bpb, tokens evaluated).
 
-    `model(inputs, targets=targets, reduction="none")` must return per-token losses in nats.
-    Reads EVAL_TOKENS of the validation shard (stopping early if the shard is smaller, so no token is
-    counted twice), calling the model on at most EVAL_CHUNK_TOKENS at a time to bound memory."""
+    `model(inputs)` must return the logits, (rows, MAX_SEQ_LEN, VOCAB_SIZE), for (rows, MAX_SEQ_LEN) int32
+    inputs; the cross-entropy is computed here, so train.py cannot change the metric. Reads the first
+    EVAL_TOKENS of the validation split and stops at its end, so no token is counted twice. The model gets
+    batch_size rows a call (at most EVAL_CHUNK_TOKENS, to bound the logits' memory); the result does not
+    depend on it."""
     token_bytes = get_token_bytes()
-    loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
-    steps = max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN))
-    rows = max(1, EVAL_CHUNK_TOKENS // MAX_SEQ_LEN)
-    total_nats, total_bytes = 0.0, 0
-    for step in range(steps):
+    wanted_rows = max(1, EVAL_TOKENS // MAX_SEQ_LEN)
+    inputs, targets = [], []
+    loader = make_dataloader(tokenizer, 1, MAX_SEQ_LEN, "val")  # one row at a time: the epoch marks each row
+    while len(inputs) < wanted_rows:
         x, y, epoch = next(loader)
-        if epoch > 1 and step > 0:
-            break
-        for i in range(0, batch_size, rows):
-            xc, yc = x[i:i + rows], y[i:i + rows]
-            nbytes = token_bytes[yc]
-            loss = mx.where(nbytes > 0, model(xc, targets=yc, reduction="none").astype(mx.float32), 0.0)
-            total_nats += float(np.array(loss).astype(np.float64).sum())  # float64: sums over millions of tokens
-            total_bytes += int(np.array(nbytes).sum())
-    return total_nats / (math.log(2) * total_bytes)
+        if epoch > 1:
+            break  # the row holds documents of the split's next pass: each token counts once
+        inputs.append(x)
+        targets.append(y)
+    loader.close()
+    if not inputs:
+        raise PrepareError(f"the validation split in {data_dir()} holds less than one row of {MAX_SEQ_LEN + 1} tokens. "
+                           "Prepare a bigger corpus (prepare.py --source PATH --force).")
+    if len(inputs) < wanted_rows:
+        print(f"Eval: the validation split ends after {len(inputs) * MAX_SEQ_LEN:,} tokens, fewer than the "
+              f"{EVAL_TOKENS:,} asked for: each is evaluated once", flush=True)
+    rows = max(1, min(batch_size, EVAL_CHUNK_TOKENS // MAX_SEQ_LEN))
+    total_nats, total_bytes = 0.0, 0
+    for i in range(0, len(inputs), rows):
+        x, y = mx.concatenate(inputs[i:i + rows]), mx.concatenate(targets[i:i + rows])
+        logits = model(x)
+        if logits.shape != (*y.shape, VOCAB_SIZE):
+            raise ValueError(f"evaluate_bpb: the model returned shape {logits.shape} for inputs {x.shape}; "
+                             f"it must return logits of shape {(*y.shape, VOCAB_SIZE)}")
+        nbytes = token_bytes[y]
+        nats = mx.where(nbytes > 0, cross_entropy_nats(logits, y), 0.0)
+        total_nats += float(np.array(nats).astype(np.float64).sum())  # float64: sums over millions of tokens
+        total_bytes += int(np.array(nbytes).sum())
+    return total_nats / (math.log(2) * total_bytes), len(inputs) * MAX_SEQ_LEN
 
 # ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
+
+def train_command():
+    """The command that trains on this cache: train.py finds a cache other than the default only through the
+    environment."""
+    if os.path.abspath(cache_dir()) == os.path.abspath(DEFAULT_CACHE_DIR):
+        return "uv run train.py"
+    return f"AUTORESEARCH_CACHE={shlex.quote(cache_dir())} uv run train.py"
+
 
 def _holds_local_corpus():
     try:
@@ -1039,6 +1131,7 @@ def main(argv=None):
         if args.force:
             clear_cache()
         if args.source:
+            discard_unclaimed_shards()
             import_local_corpus(args.source)
         elif _holds_local_corpus():
             print(f"Data: the local corpus already in {data_dir()} (--source replaces it)")
@@ -1049,7 +1142,10 @@ def main(argv=None):
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print("Done. Ready to train: uv run train.py")
+    except OSError as e:  # read-only or full disk, a file where the cache folder should be
+        print(f"error: {describe_write_error(e, cache_dir())}", file=sys.stderr)
+        return 1
+    print(f"Done. Ready to train: {train_command()}")
     return 0
 
 

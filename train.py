@@ -528,10 +528,9 @@ def main():
 
     # total_tokens_M and mfu count the timed steps only, not the compile steps
     timed_tokens = (step - UNTIMED_STEPS) * TOTAL_BATCH_SIZE
-    eval_forward = mx.compile(lambda x, y: model(x, y, reduction="none"), inputs=model.state)
+    eval_logits = mx.compile(lambda x: model(x), inputs=model.state)  # prepare.py scores the logits
     t_eval = time.time()
-    val_bpb = evaluate_bpb(lambda idx, targets, reduction: eval_forward(idx, targets), tokenizer,
-                           HARDWARE.eval_batch_size)
+    val_bpb, eval_tokens = evaluate_bpb(eval_logits, tokenizer, HARDWARE.eval_batch_size)
     print(f"Eval: {time.time() - t_eval:.1f}s", flush=True)
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
@@ -543,6 +542,7 @@ def main():
     print(f"num_steps:        {step}")
     print(f"num_params_M:     {num_params / 1e6:.1f}")
     print(f"depth:            {DEPTH}")
+    print(f"eval_tokens:      {eval_tokens}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Smoke tests of the benchmarks on CPU (small configs), so they keep working as train.py and the harness change."""
+import math
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -81,3 +83,29 @@ def test_loader_speed_prints_both_loaders(prepared_cache):
     assert [row[0] for row in rows] == ["memory-mapped token shards", "tokenized on the fly (cache limit 0)"], result.stdout
     for _, _, batches, tok_s, ms, cpu_ms, busy in rows:
         assert int(batches.replace(",", "")) > 0 and float(tok_s.replace(",", "")) > 0 and float(ms) > 0
+
+
+def test_eval_precision_subsets_are_disjoint_and_scale():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import eval_precision
+    rng = np.random.default_rng(0)
+    nbytes = rng.integers(5000, 9000, 400)
+    nats = nbytes * math.log(2) * (2.0 + 0.3 * rng.standard_normal(400))  # ~2 bits per byte, noisy rows
+    std, scaled, k = eval_precision.subset_stds(nats, nbytes, 16)
+    assert k == 25  # 400 rows make 25 disjoint subsets of 16
+    groups = [nats[i:i + 16].sum() / (math.log(2) * nbytes[i:i + 16].sum()) for i in range(0, 400, 16)]
+    assert std == pytest.approx(np.std(groups, ddof=1))
+    assert scaled == pytest.approx(std, rel=0.4)  # rows drawn independently: the 1/sqrt(n) estimate holds
+    assert eval_precision.subset_stds(nats, nbytes, 256)[0] is None  # one subset: no spread to measure
+
+
+@pytest.mark.slow
+def test_eval_precision_benchmark_prints_its_table(prepared_cache):
+    env = {**os.environ, "AUTORESEARCH_CACHE": prepared_cache}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "eval_precision.py"), "--budget", "2",
+                             "--seeds", "1", "2", "--max-rows", "4", "--sizes", "1", "2"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = re.findall(r"^ +(\d+) +(\d+) +(\d+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)$", result.stdout, flags=re.M)
+    assert [(n, k) for n, _, k, *_ in rows] == [("1", "4"), ("2", "2")], result.stdout
+    assert all(float(v) > 0 for row in rows for v in row[3:])

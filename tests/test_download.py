@@ -135,3 +135,27 @@ def test_command_line_without_network_names_the_sample_option(tmp_path):
                             env={**env, "AUTORESEARCH_CACHE": str(tmp_path)})
     assert result.returncode == 1 and "--source sample" in result.stderr
     assert not glob.glob(str(tmp_path / "data" / "*.parquet"))
+
+
+def test_failed_download_leaves_the_cache_free_for_another_corpus(server, cache):
+    server.fail["shard_00001.parquet"] = 99
+    with pytest.raises(prepare.PrepareError, match="--source sample"):
+        prepare.download_data(2, base_url=server.url, retries=1, backoff=0)
+    assert not os.path.exists(cache / "data" / "source.json")  # incomplete: climbmix does not claim the cache
+    assert os.path.exists(cache / "data" / "shard_00000.parquet")  # kept for a retry of the same download
+    # the offline option the error suggests is taken, and no climbmix shard is mixed into its data
+    assert prepare.main(["--source", "sample", "--cache-dir", str(cache)]) == 0
+    assert json.load(open(cache / "data" / "source.json"))["source"] == "local"
+    texts = [t for path in prepare.list_shards("train") for t in pq.read_table(path).column("text").to_pylist()]
+    with gzip.open(SAMPLE, "rt", encoding="utf-8") as f:
+        sample = {json.loads(line)["text"] for line in f}
+    assert texts and set(texts) <= sample
+
+
+def test_retried_download_claims_the_cache_when_complete(server, cache):
+    server.fail["shard_00001.parquet"] = 1
+    with pytest.raises(prepare.PrepareError):
+        prepare.download_data(2, base_url=server.url, retries=1, backoff=0)
+    prepare.download_data(2, base_url=server.url, retries=1, backoff=0)
+    assert server.requests.count("shard_00000.parquet") == 1  # the finished shard was not fetched again
+    assert json.load(open(cache / "data" / "source.json")) == {"source": "climbmix", "url": server.url}

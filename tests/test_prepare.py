@@ -1,5 +1,7 @@
 """prepare.py: tokenizer, dataloader, evaluate_bpb, local corpora and bad input. Offline."""
+import base64
 import dataclasses
+import errno
 import glob
 import gzip
 import json
@@ -53,6 +55,24 @@ def test_token_bytes_match_tokens(use_cache):
         assert token_bytes[i] == len(tok.enc.decode_single_token_bytes(i))
     assert token_bytes[tok.get_bos_token_id()] == 0
     assert token_bytes[:256].min() == 1  # every single byte is a token
+
+def test_preparing_a_cache_again_with_another_corpus_gives_the_new_tokenizer(tmp_path, monkeypatch):
+    # tiktoken's loader caches a ranks file by its path: the second preparation used to load the first's ranks
+    other = tmp_path / "upper.jsonl"
+    other.write_text("".join(json.dumps({"text": d.upper()}) + "\n" for d in sample_docs()))
+    cache = tmp_path / "cache"
+    assert run_prepare("--source", "sample", "--cache-dir", str(cache)).returncode == 0
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    first = prepare.Tokenizer.from_directory()
+    assert run_prepare("--source", str(other), "--cache-dir", str(cache), "--force").returncode == 0
+    tok = prepare.Tokenizer.from_directory()
+    lines = (cache / "tokenizer" / "tokenizer.tiktoken").read_text().split("\n")
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    assert all(tok.enc.decode_single_token_bytes(rank) == token for token, rank in ranks.items())
+    assert tok.encode("THE KING") != first.encode("THE KING")
+    token_bytes = np.array(prepare.get_token_bytes())
+    assert all(token_bytes[i] == len(tok.enc.decode_single_token_bytes(i)) for i in range(prepare.VOCAB_SIZE - 1))
+
 
 # --- dataloader ---------------------------------------------------------------
 
@@ -114,16 +134,15 @@ def test_dataloader_thread_ends_with_its_consumer(use_cache):
 # --- evaluate_bpb -----------------------------------------------------------------
 
 
-class ConstantLossModel:
-    """Uniform logits: every token costs ln(V) nats."""
+class UniformModel:
+    """Logits of zeros: every token costs ln(V) nats. Records how many rows each call gets."""
 
     def __init__(self):
-        self.max_rows = 0
+        self.calls = []
 
-    def __call__(self, x, targets=None, reduction="mean"):
-        assert reduction == "none"
-        self.max_rows = max(self.max_rows, x.shape[0])
-        return mx.full(targets.shape, math.log(prepare.VOCAB_SIZE))
+    def __call__(self, x):
+        self.calls.append(x.shape[0])
+        return mx.zeros((*x.shape, prepare.VOCAB_SIZE))
 
 
 def test_evaluate_bpb_uniform_logits_is_log2_vocab_per_token(use_cache, monkeypatch):
@@ -139,22 +158,86 @@ def test_evaluate_bpb_uniform_logits_is_log2_vocab_per_token(use_cache, monkeypa
         b = token_bytes[np.array(y)]
         tokens += int((b > 0).sum())
         nbytes += int(b.sum())
-    model = ConstantLossModel()
-    bpb = prepare.evaluate_bpb(model, tok, 4)
+    model = UniformModel()
+    bpb, evaluated = prepare.evaluate_bpb(model, tok, 4)
     assert bpb == pytest.approx(math.log2(prepare.VOCAB_SIZE) * tokens / nbytes, rel=1e-6)
-    assert model.max_rows == 2  # called in chunks, never on the whole batch
+    assert evaluated == 16 * prepare.MAX_SEQ_LEN
+    assert max(model.calls) == 2 and sum(model.calls) == 16  # called in chunks, never on the whole batch
 
 
-def test_evaluate_bpb_stops_before_repeating_the_validation_shard(use_cache, monkeypatch):
-    monkeypatch.setattr(prepare, "EVAL_TOKENS", 10**9)
-    calls = []
+class LowRankModel:
+    """Fixed random logits from a token's embedding; a loss API that lies (every token costs 0 nats)."""
 
-    def model(x, targets=None, reduction="none"):
-        calls.append(x.shape[0])
-        return mx.zeros(targets.shape)
-    assert prepare.evaluate_bpb(model, prepare.Tokenizer.from_directory(), 8) == 0.0
-    val_tokens = sum(len(t) for t in prepare.Tokenizer.from_directory().encode(shard_texts(prepare.list_shards("val")[0])))
-    assert 0 < sum(calls) * prepare.MAX_SEQ_LEN <= val_tokens + 8 * prepare.MAX_SEQ_LEN
+    def __init__(self, dtype=mx.float32):
+        rng = np.random.default_rng(0)
+        self.embed = rng.standard_normal((prepare.VOCAB_SIZE, 8)).astype(np.float32)
+        self.unembed = 2 * rng.standard_normal((8, prepare.VOCAB_SIZE)).astype(np.float32)
+        self.dtype = dtype
+
+    def logits(self, x):
+        return mx.array(self.embed)[x] @ mx.array(self.unembed)
+
+    def __call__(self, x, targets=None, reduction="mean"):
+        if targets is not None:
+            return mx.zeros(targets.shape)
+        return self.logits(x).astype(self.dtype)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_evaluate_bpb_scores_the_logits_itself(use_cache, monkeypatch, dtype):
+    # the metric comes from the model's logits, computed in float32 here, not from a loss train.py could change
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 3 * prepare.MAX_SEQ_LEN)
+    tok = prepare.Tokenizer.from_directory()
+    model = LowRankModel(dtype)
+    bpb, evaluated = prepare.evaluate_bpb(model, tok, 2)
+    x, y, _ = next(prepare.make_dataloader(tok, 3, prepare.MAX_SEQ_LEN, "val"))
+    logits = np.array(model.logits(x).astype(dtype).astype(mx.float32)).astype(np.float64)
+    y = np.array(y)
+    top = logits.max(-1, keepdims=True)
+    log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    nats = -np.take_along_axis(log_probs, y[..., None], -1)[..., 0]
+    nbytes = np.array(prepare.get_token_bytes())[y]
+    assert evaluated == 3 * prepare.MAX_SEQ_LEN
+    assert bpb == pytest.approx(nats[nbytes > 0].sum() / (math.log(2) * nbytes.sum()), rel=1e-5)
+
+
+def small_validation_split(cache, n_docs, max_chars=None):
+    """Keep only the first n_docs documents of the cache's validation shard (cut to max_chars); returns
+    its token count."""
+    path = cache / "data" / prepare.VAL_FILENAME
+    docs = [doc[:max_chars] for doc in shard_texts(path)[:n_docs]]
+    pq.write_table(pa.table({"text": docs}), path)
+    return sum(len(ids) for ids in prepare.Tokenizer.from_directory().encode(docs, prepend=0))
+
+
+def test_evaluate_bpb_never_counts_a_token_twice(tmp_path, prepared_cache, monkeypatch, capsys):
+    # a split smaller than one evaluation batch used to be read round again within that first batch
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    val_tokens = small_validation_split(cache, 6, max_chars=8000)
+    assert 2 * prepare.MAX_SEQ_LEN < val_tokens < 8 * prepare.MAX_SEQ_LEN
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 8 * prepare.MAX_SEQ_LEN)
+    tok = prepare.Tokenizer.from_directory()
+    seen = []
+
+    def model(x):
+        seen.append(np.array(x))
+        return mx.zeros((*x.shape, prepare.VOCAB_SIZE))
+    _, evaluated = prepare.evaluate_bpb(model, tok, 8)
+    rows = np.concatenate(seen)
+    assert evaluated == rows.size < val_tokens
+    # every evaluated row is a new stretch of the split: no row repeats another's documents
+    starts = {tuple(row[:64]) for row in rows}
+    assert len(starts) == len(rows)
+    assert "fewer than" in capsys.readouterr().out
+
+
+def test_evaluate_bpb_refuses_a_split_shorter_than_a_row(tmp_path, prepared_cache, monkeypatch):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    assert small_validation_split(cache, 1, max_chars=2000) <= prepare.MAX_SEQ_LEN
+    with pytest.raises(prepare.PrepareError, match="validation split"):
+        prepare.evaluate_bpb(UniformModel(), prepare.Tokenizer.from_directory(), 8)
 
 # --- local corpora ---------------------------------------------------------------
 
@@ -185,6 +268,17 @@ def test_local_formats_and_folder(tmp_path):
     again = tmp_path / "again"
     assert run_prepare("--source", str(folder), "--cache-dir", str(again)).returncode == 0
     assert shard_texts(again / "data" / prepare.VAL_FILENAME) == val
+
+
+def test_ready_message_names_the_cache(tmp_path):
+    cache = tmp_path / "my cache"
+    result = run_prepare("--source", "sample", "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.strip().splitlines()[-1].split("Ready to train: ", 1)[1]
+    assert command == f"AUTORESEARCH_CACHE='{cache}' uv run train.py"
+    # the printed command is what a shell runs: its AUTORESEARCH_CACHE points at this cache
+    env = subprocess.run(["sh", "-c", command.replace("uv run train.py", "env")], capture_output=True, text=True)
+    assert f"AUTORESEARCH_CACHE={cache}\n" in env.stdout
 
 
 def test_shared_corpus_and_cache_env(tmp_path):
@@ -237,6 +331,33 @@ def test_missing_corpus_and_missing_data(tmp_path):
     assert result.returncode == 1 and "prepare.py" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("code,message", [(errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only"),
+                                          (errno.EACCES, "No permission")])
+def test_disk_errors_are_one_line(tmp_path, monkeypatch, capsys, code, message):
+    # the disk refuses a write once the shards are read: os-level errors and pyarrow's (errno in the text only)
+    real_write_atomic = prepare.write_atomic
+
+    def refuse(tmp):
+        raise OSError(code, os.strerror(code), tmp) if code != errno.ENOSPC else OSError(
+            f"[Errno {code}] Error writing bytes to file. Detail: [errno {code}] {os.strerror(code)}")
+    monkeypatch.setattr(prepare, "write_atomic", lambda path, write_fn: real_write_atomic(
+        path, lambda tmp: (write_fn(tmp), refuse(tmp))))
+    cache = tmp_path / "cache"
+    assert prepare.main(["--source", "sample", "--cache-dir", str(cache)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and "--cache-dir" in err
+    assert not [p for p in glob.glob(str(cache / "**" / "*"), recursive=True) if os.path.isfile(p)]
+
+
+def test_cache_dir_that_is_a_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    result = run_prepare("--source", "sample", "--cache-dir", str(afile))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "is a file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert afile.read_text() == "not a folder"
+
+
 def test_too_small_for_the_vocabulary(tmp_path):
     path = tmp_path / "tiny.jsonl"
     path.write_text("".join(json.dumps({"text": f"doc {i} hello"}) + "\n" for i in range(30)))
@@ -256,6 +377,8 @@ def copy_cache(src, dst):
     (lambda c: (c / "tokenizer" / "tokenizer.tiktoken").write_text("garbage\n"), "corrupt"),
     (lambda c: (c / "tokenizer" / "tokenizer.json").write_text("{"), "corrupt"),
     (lambda c: np.save(c / "tokenizer" / "token_bytes.npy", np.zeros(10, np.int32)), "does not match"),
+    (lambda c: np.save(c / "tokenizer" / "token_bytes.npy",  # right size, another tokenizer's lengths
+                       np.roll(np.load(c / "tokenizer" / "token_bytes.npy"), 1)), "token_bytes.npy"),
     (lambda c: (c / "data" / "source.json").write_text('{"source": "other"}'), "another corpus"),
 ])
 def test_damaged_tokenizer(tmp_path, prepared_cache, monkeypatch, damage, message):
@@ -265,6 +388,18 @@ def test_damaged_tokenizer(tmp_path, prepared_cache, monkeypatch, damage, messag
     with pytest.raises(prepare.PrepareError, match=message) as err:
         prepare.Tokenizer.from_directory()
     assert "prepare.py" in str(err.value)
+
+
+def test_rerunning_prepare_repairs_a_corrupt_tokenizer(tmp_path, prepared_cache, monkeypatch):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    good = prepare.Tokenizer.from_directory()  # loaded once while intact (tiktoken's loader cached it then)
+    ranks_file = cache / "tokenizer" / "tokenizer.tiktoken"
+    ranks_file.write_text(ranks_file.read_text()[:5000])  # cut short, as by a full disk
+    result = run_prepare("--source", "sample", "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    assert "already trained" not in result.stdout
+    assert prepare.Tokenizer.from_directory().encode("Hello world") == good.encode("Hello world")
 
 
 def test_corrupt_shard(tmp_path, prepared_cache, monkeypatch):

@@ -13,10 +13,11 @@ import pytest
 
 import prepare
 import train
+from mlx.utils import tree_flatten, tree_unflatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-                "total_tokens_M", "num_steps", "num_params_M", "depth"]
+                "total_tokens_M", "num_steps", "num_params_M", "depth", "eval_tokens"]
 VOCAB = 256
 
 
@@ -225,13 +226,35 @@ def untrained_val_bpb():
     mx.random.seed(0)
     model = train.GPT(train.GPTConfig(n_layer=1, n_head=1, head_dim=32))
     model.init_weights()
-    return prepare.evaluate_bpb(model, prepare.Tokenizer.from_directory(), 2)
+    return prepare.evaluate_bpb(model, prepare.Tokenizer.from_directory(), 2)[0]
 
 
 def test_untrained_val_bpb_matches_uniform_prediction(use_cache, monkeypatch):
     """An untrained model predicts ~uniformly: val_bpb ~ log2(vocab) / (bytes per token) ~ 3.5 here."""
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 2 * prepare.MAX_SEQ_LEN)
     assert abs(untrained_val_bpb() - math.log2(prepare.VOCAB_SIZE) / 3.7) < 0.2
+
+
+def test_val_bpb_from_logits_equals_the_training_loss_path(use_cache, monkeypatch):
+    """evaluate_bpb scores train.py's logits itself; on this model it gives what the fused softcapped loss
+    (the metric's old source) gives, to float precision."""
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 2 * prepare.MAX_SEQ_LEN)
+    mx.random.seed(1)
+    model = train.GPT(train.GPTConfig(n_layer=2, n_head=1, head_dim=64))
+    model.init_weights()
+    for name, p in tree_flatten(model.parameters()):  # trained-looking weights: confident, far from uniform
+        if p.ndim == 2:
+            model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.5)]))
+    tok = prepare.Tokenizer.from_directory()
+    token_bytes = prepare.get_token_bytes()
+    bpb, evaluated = prepare.evaluate_bpb(model, tok, 1)  # model(x): its logits, as train.py passes them
+    x, y, _ = next(prepare.make_dataloader(tok, 2, prepare.MAX_SEQ_LEN, "val"))
+    b = token_bytes[y]
+    nats = mx.where(b > 0, model(x, targets=y, reduction="none"), 0.0).sum().item()
+    reference = nats / (math.log(2) * b.sum().item())
+    assert evaluated == 2 * prepare.MAX_SEQ_LEN
+    assert reference > 4.0  # far from uniform (~3.5): the softcap and the logits matter
+    assert bpb == pytest.approx(reference, rel=1e-5)
 
 # ---------------------------------------------------------------------------
 # End to end: train.py as the agent runs it
@@ -249,6 +272,7 @@ def test_short_training_run_learns(prepared_cache):
     summary = parse_summary(out)
     assert all(math.isfinite(v) for v in summary.values()), summary
     assert summary["depth"] == train.DEPTH and summary["num_steps"] > train.UNTIMED_STEPS
+    assert summary["eval_tokens"] == 8 * prepare.MAX_SEQ_LEN
     # an untrained model scores ~ln(vocab) nats per token: log2(vocab) / 3.7 bytes per token ~ 3.5 bits per byte
     assert summary["val_bpb"] < math.log2(prepare.VOCAB_SIZE) / 3.7 - 0.3, summary
 
