@@ -197,6 +197,9 @@ def swap_two_ranks(cache):
     (a, ra), (b, rb) = lines[300].split(), lines[301].split()
     lines[300], lines[301] = f"{a} {rb}", f"{b} {ra}"
     path.write_text("\n".join(lines) + "\n")
+    token_bytes = np.load(cache / "tokenizer" / "token_bytes.npy")  # kept consistent with the ranks
+    token_bytes[[int(ra), int(rb)]] = token_bytes[[int(rb), int(ra)]]
+    np.save(cache / "tokenizer" / "token_bytes.npy", token_bytes)
 
 
 def drop_last_training_document(cache):

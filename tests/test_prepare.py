@@ -207,6 +207,7 @@ def small_validation_split(cache, n_docs, max_chars=None):
     path = cache / "data" / prepare.VAL_FILENAME
     docs = [doc[:max_chars] for doc in shard_texts(path)[:n_docs]]
     pq.write_table(pa.table({"text": docs}), path)
+    prepare.tokenize_corpus(workers=1)  # the token shards follow the corpus, as after prepare.py
     return sum(len(ids) for ids in prepare.Tokenizer.from_directory().encode(docs, prepend=0))
 
 
