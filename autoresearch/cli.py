@@ -7,8 +7,9 @@ import argparse
 import os
 import sys
 
-from autoresearch import experiment, gate, gitops, ledger, runner, serve
-from autoresearch.gitops import Refusal
+from autoresearch import experiment, gate, gitops, ledger, serve
+from autoresearch.common import (CONFIRM_SEEDS, DEFAULT_BUDGET, DEFAULT_SEED, EXIT_OK, EXIT_REFUSED, NOISE_RUNS,
+                                 Options, Refusal)
 from autoresearch.ledger import LedgerError
 
 DESCRIPTION = """\
@@ -52,9 +53,9 @@ def _env_float(name, default):
 
 
 def _add_run_options(p):
-    p.add_argument("--seed", type=int, default=experiment.DEFAULT_SEED,
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help="AUTORESEARCH_SEED for train.py (default %(default)s)")
-    p.add_argument("--budget", type=float, default=_env_float("AUTORESEARCH_TIME_BUDGET", runner.DEFAULT_BUDGET),
+    p.add_argument("--budget", type=float, default=_env_float("AUTORESEARCH_TIME_BUDGET", DEFAULT_BUDGET),
                    help="training seconds, passed as AUTORESEARCH_TIME_BUDGET (default: that variable, else 300)")
     p.add_argument("--timeout", type=float, default=_env_float("AUTORESEARCH_TIMEOUT", None),
                    help="hard wall-clock limit per train.py run in seconds; the whole process group is killed "
@@ -109,7 +110,7 @@ def build_parser():
         p = sub.add_parser(name, help=summary, description=text, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("-m", "--message", required=True, help="what you tried (commit message and results.tsv)")
         _add_run_options(p)
-        p.add_argument("--confirm", type=int, default=gate.CONFIRM_SEEDS,
+        p.add_argument("--confirm", type=int, default=CONFIRM_SEEDS,
                        help="extra seeds for a borderline candidate (default %(default)s; 0 keeps borderline ones unconfirmed)")
         p.add_argument("--margin", type=float, default=None,
                        help="fixed keep margin in val_bpb, instead of the one derived from the noise estimate")
@@ -121,7 +122,7 @@ def build_parser():
 
     p = sub.add_parser("noise", help="measure run-to-run noise of val_bpb on the current commit",
                        description=NOISE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-n", "--runs", type=int, default=experiment.NOISE_RUNS, help="runs (default %(default)s)")
+    p.add_argument("-n", "--runs", type=int, default=NOISE_RUNS, help="runs (default %(default)s)")
     _add_run_options(p)
 
     p = sub.add_parser("status", help="best, baseline, noise, keep rate, pace, recent experiments",
@@ -161,7 +162,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
-        return experiment.EXIT_REFUSED
+        return EXIT_REFUSED
     try:
         if args.command in ("wait", "serve", "stop"):
             from autoresearch import parallel
@@ -173,7 +174,7 @@ def main(argv=None):
         if args.command in ("run", "noise", "submit"):
             if args.budget <= 0 or (args.timeout is not None and args.timeout <= 0):
                 raise Refusal("--budget and --timeout must be positive")
-            opts = experiment.Options(seed=args.seed, budget=args.budget, timeout=args.timeout)
+            opts = Options(seed=args.seed, budget=args.budget, timeout=args.timeout)
             if args.command in ("run", "submit"):
                 if not args.message.strip():
                     raise Refusal("-m needs a short description of what you tried")
@@ -191,12 +192,12 @@ def main(argv=None):
         if args.command == "rebuild-tsv":
             n = ledger.rebuild_results(root)
             print(f"wrote {ledger.RESULTS_FILE} with {n} experiments")
-            return experiment.EXIT_OK
+            return EXIT_OK
         branch = args.branch or gitops.current_branch(root) or "HEAD"
         if args.command == "status":
             from autoresearch import status
             print(status.render(root, branch, args.last))
-            return experiment.EXIT_OK
+            return EXIT_OK
         if args.command == "plot":
             from autoresearch import plot  # matplotlib only when asked for
             records = gate.branch_records(ledger.read_ledger(root), branch)
@@ -204,11 +205,11 @@ def main(argv=None):
             path = plot.make_plot(records, args.output or os.path.join(root, plot.PLOT_FILE), title=branch,
                                   margin=margin)
             print(f"wrote {path}")
-            return experiment.EXIT_OK
+            return EXIT_OK
     except (Refusal, LedgerError) as e:
         print(f"autoresearch: {e}", file=sys.stderr)
-        return experiment.EXIT_REFUSED
-    return experiment.EXIT_OK
+        return EXIT_REFUSED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -2,70 +2,22 @@
 One experiment, start to finish: check, commit train.py, run, judge, record, revert if not kept.
 And `noise`: the same commit N times with different seeds.
 
+The keep decision (gate.decide: first look, confirmation seeds if borderline, their mean), the experiment's
+record and its printed verdict are built here once, by `Judgement` and `verdict_lines`, for both `autoresearch
+run` and the parallel coordinator (serve.py), which only differ in how the runs are scheduled.
+
 Order of writes after a run: git first, then the ledger, then results.tsv. A harness killed in between leaves
 git at a consistent state and at worst loses that run's record; the candidate is never half-reverted.
 """
 
-import signal
+import os
 import statistics
 import time
-from dataclasses import dataclass
 
 from autoresearch import gate, gitops, ledger, runner
-from autoresearch.gitops import Refusal, short
+from autoresearch.common import (EXIT_CRASH, EXIT_OK, EXIT_SIGNAL, Refusal, StopSignals, now_iso, say,
+                                 short)
 from autoresearch.lock import RepoLock
-
-EXIT_OK, EXIT_CRASH, EXIT_REFUSED = 0, 1, 2
-EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
-DEFAULT_SEED = 42
-NOISE_RUNS = 3
-
-
-@dataclass
-class Options:
-    description: str = ""
-    seed: int = DEFAULT_SEED
-    budget: float = runner.DEFAULT_BUDGET
-    timeout: float = None        # None: runner.default_timeout(budget)
-    confirm: int = gate.CONFIRM_SEEDS
-    rerun: bool = False
-    simpler: bool = False
-    margin: float = None         # None: from the noise estimate
-    runs: int = NOISE_RUNS       # noise only
-
-    def hard_timeout(self):
-        return self.timeout if self.timeout is not None else runner.default_timeout(self.budget)
-
-
-class StopSignals:
-    """Ctrl-C and SIGTERM become a flag: the run loop stops train.py in order, and the bookkeeping after it
-    can't be cut in half by a second Ctrl-C."""
-
-    def __init__(self):
-        self.name = None
-
-    def __enter__(self):
-        self.saved = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handler(self, signum, frame):
-        self.name = self.name or signal.Signals(signum).name
-
-    def __call__(self):
-        return self.name
-
-    def __exit__(self, *exc):
-        for s, h in self.saved.items():
-            signal.signal(s, h)
-
-
-def say(*lines):
-    for line in lines:
-        print(line, flush=True)
-
-
-def now_iso():
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 class Session:
@@ -117,8 +69,76 @@ def make_record(kind, branch, opts, result, seed, commit, content_hash, started,
     return rec
 
 
-def show_failure(result):
-    say(f"--- last lines of {runner.LOG_FILE} ---", *result.tail, "---")
+def outcome(result):
+    """A run as the gate sees it: its val_bpb, or why it is not a valid result."""
+    return result.failure() or result.val_bpb
+
+
+class Judgement:
+    """What a candidate is judged against, read once before its verdict: the best kept result, the last kept commit
+    and the margin. Shared by `autoresearch run` and the parallel coordinator."""
+
+    def __init__(self, records, noise, opts, in_history):
+        self.records, self.opts, self.noise = records, opts, noise
+        self.best_rec, self.best = gate.best_kept(records, in_history)
+        kept = gate.kept(records, in_history)
+        self.kept_commit = kept[-1]["commit"] if kept else None
+        self.margin, self.margin_how = gate.margin(noise, opts.margin)
+        self.exp_id = len(gate.experiments(records)) + 1
+
+    def decide(self, outcomes):
+        """gate.decide() with this candidate's options: (verdict, reason, values, more)."""
+        return gate.decide(outcomes, self.best, self.margin, self.opts.simpler, self.opts.confirm)
+
+    def confirm_seeds(self):
+        return [self.opts.seed + k for k in range(1, self.opts.confirm + 1)]
+
+    def record(self, branch, result, commit, content_hash, started, verdict, reason, values, git_action,
+               hardware=None, **extra):
+        """The experiment's ledger record (kind "run"): the first run's result, the verdict and what it rests on."""
+        return make_record(
+            "run", branch, self.opts, result, self.opts.seed, commit, content_hash, started, hardware=hardware,
+            exp=self.exp_id, verdict=verdict, reason=reason, kept_commit=self.kept_commit, best_before=self.best,
+            best_commit=self.best_rec["commit"] if self.best_rec else None, margin=self.margin,
+            margin_how=self.margin_how, noise_std=(self.noise or {}).get("std"), seeds_used=len(values) or 1,
+            val_bpb_mean=statistics.fmean(values) if values else None, git=git_action, simpler=self.opts.simpler,
+            rerun=self.opts.rerun, **extra)
+
+
+def refuse_if_already_run(records, content_hash, queued=None):
+    """One refusal for a train.py that was already run (or, in parallel mode, is queued)."""
+    earlier = gate.already_run(records, content_hash)
+    if not earlier and not queued:
+        return
+    if queued:
+        what = f"candidate {queued[0]['id']} ({queued[0]['description']!r}) is queued"
+    else:
+        e = earlier[-1]
+        val = f"val_bpb {e['val_bpb']:.6f}, " if isinstance(e.get("val_bpb"), float) else ""
+        what = f"commit {short(e['commit'])} ran it ({val}{e['verdict']}: {e['description']!r})"
+    raise Refusal(f"this exact train.py was already run or queued: {what}.\n"
+                  "  Edit train.py to try something new, or pass --rerun to run it again on purpose.")
+
+
+def verdict_lines(rec, tail=(), log_name=runner.LOG_FILE, root=None):
+    """The verdict block, as `run` and `wait` print it: the log tail of a failed run first."""
+    lines = [f"--- last lines of {log_name} ---", *tail, "---"] if tail else []
+    val = gate.run_value(rec)
+    seeds = f" (mean of {rec['seeds_used']} seeds)" if rec.get("seeds_used", 1) > 1 else ""
+    best = rec.get("best_before")
+    hw = rec.get("hardware") or {}
+    where = f"ran on {hw.get('host', '?')} {hw.get('gpu') or ''}".rstrip()
+    if rec.get("log"):
+        where += f"; log {os.path.relpath(rec['log'], root) if root else rec['log']}"
+    lines += [f"--- {rec['candidate']}: {rec['description']!r}" if rec.get("candidate") else "---",
+              f"verdict:      {rec['verdict']}", f"reason:       {rec['reason']}",
+              f"val_bpb:      {val:.6f}{seeds}" if isinstance(val, float) and rec["verdict"] in ("keep", "discard")
+              else "val_bpb:      -",
+              f"best_before:  {best:.6f} ({short(rec.get('best_commit'))})" if isinstance(best, float)
+              else "best_before:  - (baseline)",
+              f"commit:       {short(rec['commit'])} ({rec['git']})",
+              f"wall_seconds: {rec['harness_seconds']:.1f} (harness overhead {rec['overhead_seconds']:.2f}); {where}"]
+    return lines
 
 
 # ---------------------------------------------------------------------------
@@ -128,73 +148,56 @@ def run_experiment(opts):
     t0 = time.monotonic()
     with Session(f"run: {opts.description}", allow_train_changes=True) as s:
         root = s.root
-        best_rec, best = gate.best_kept(s.records, s.in_history)
-        kept_list = gate.kept(s.records, s.in_history)
-        kept_commit = kept_list[-1]["commit"] if kept_list else None
-        m, m_how = gate.margin(s.noise, opts.margin)
-
+        j = Judgement(s.records, s.noise, opts, s.in_history)
         chash = gitops.content_hash(root)
-        earlier = [r for r in gate.experiments(s.records) if r["content_hash"] == chash
-                   and r["verdict"] != "interrupted"]
-        if earlier and not opts.rerun:
-            e = earlier[-1]
-            val = f"val_bpb {e['val_bpb']:.6f}, " if isinstance(e.get("val_bpb"), float) else ""
-            raise Refusal(f"this exact train.py was already run: commit {short(e['commit'])} ({val}{e['verdict']}: "
-                          f"{e['description']!r}).\n  Edit train.py to try something new, or pass --rerun to run it "
-                          "again on purpose.")
+        if not opts.rerun:
+            refuse_if_already_run(s.records, chash)
 
         base = gitops.head(root)
         committed = gitops.train_changed(root)
         candidate = gitops.commit_train(root, opts.description) if committed else base
-        exp_id = len(gate.experiments(s.records)) + 1
-        say(f"experiment #{exp_id} on {s.branch}: commit {short(candidate)} {opts.description!r}",
-            f"  best so far: " + (f"{best:.6f} ({short(best_rec['commit'])})" if best_rec else "none (this run is the baseline)")
-            + f", margin {m:.4f} [{m_how}], timeout {opts.hard_timeout():.0f} s, log in {runner.LOG_FILE}")
+        say(f"experiment #{j.exp_id} on {s.branch}: commit {short(candidate)} {opts.description!r}",
+            "  best so far: " + (f"{j.best:.6f} ({short(j.best_rec['commit'])})" if j.best_rec
+                                 else "none (this run is the baseline)")
+            + f", margin {j.margin:.4f} [{j.margin_how}], timeout {opts.hard_timeout():.0f} s, log in {runner.LOG_FILE}")
 
         with StopSignals() as stop:
             started = now_iso()
             result = s.run_once(opts, opts.seed, stop, "train.py")
-            failure = result.failure()
-            seeds_used, values, confirms = 1, [], []
-            if failure:
-                verdict, reason = ("interrupted" if result.signal_name else "crash"), failure
-            else:
-                values.append(result.val_bpb)
-                verdict, reason = gate.first_look(result.val_bpb, best, m, opts.simpler, opts.confirm)
-            if verdict == "borderline":
+            outcomes, confirms = [(opts.seed, outcome(result))], []
+            verdict, reason, values, more = j.decide(outcomes)
+            if verdict == "confirm":
                 say(f"borderline (val_bpb {result.val_bpb:.6f}): confirming with {opts.confirm} more seed(s)")
-                for k in range(1, opts.confirm + 1):
-                    seed = opts.seed + k
-                    c_started = now_iso()
-                    c = s.run_once(opts, seed, stop, f"confirm {k}/{opts.confirm}")
-                    c_fail = c.failure()
-                    confirms.append(s.record("confirm", opts, c, seed, candidate, chash, c_started,
-                                             verdict=("interrupted" if c.signal_name else "crash") if c_fail else "confirm",
-                                             reason=c_fail or "confirmation seed", exp=exp_id))
-                    if c_fail:
-                        verdict = "interrupted" if c.signal_name else "crash"
-                        reason = f"confirmation seed {seed}: {c_fail}"
-                        result = c if c.signal_name else result
-                        break
-                    values.append(c.val_bpb)
-                else:
-                    seeds_used = len(values)
-                    verdict, reason = gate.judge_mean(statistics.fmean(values), seeds_used, best, m)
+            for k, seed in enumerate(j.confirm_seeds(), 1):
+                if verdict != "confirm" or result.signal_name:
+                    break
+                c_started = now_iso()
+                c = s.run_once(opts, seed, stop, f"confirm {k}/{opts.confirm}")
+                c_fail = c.failure()
+                confirms.append(s.record("confirm", opts, c, seed, candidate, chash, c_started,
+                                         verdict=("interrupted" if c.signal_name else "crash") if c_fail else "confirm",
+                                         reason=c_fail or "confirmation seed", exp=j.exp_id))
+                outcomes.append((seed, outcome(c)))
+                verdict, reason, values, more = j.decide(outcomes)
+                if c.signal_name:
+                    result = c  # the interrupted run is the one to show
+            if result.signal_name:
+                verdict = "interrupted"
 
             # git first: a kept candidate stays; anything else gives train.py back to the kept commit
-            git_action = "kept" if verdict == "keep" else "none"
+            git_action = f"{short(candidate)} is the new kept commit" if verdict == "keep" else "train.py left as it was"
             if verdict == "interrupted":
-                git_action = "train.py left as it was"
                 if committed and gitops.undo_commit(root, candidate, base):
                     git_action = "candidate commit undone, your edited train.py left in the working tree"
-            elif verdict in ("discard", "crash") and kept_commit:
-                git_action = gitops.revert_train(root, kept_commit, f"autoresearch: revert train.py to {short(kept_commit)}")
+                git_action += "; run it again when ready"
+            elif verdict in ("discard", "crash") and j.kept_commit:
+                how = gitops.revert_train(root, j.kept_commit, f"autoresearch: revert train.py to {short(j.kept_commit)}")
+                git_action = f"train.py reverted to kept commit {short(j.kept_commit)} ({how})"
+            elif verdict == "crash":
+                git_action = (f"baseline crashed; train.py left as committed in {short(candidate)}, "
+                              "fix it and run again")
 
-            rec = s.record("run", opts, result, opts.seed, candidate, chash, started, exp=exp_id,
-                           verdict=verdict, reason=reason, kept_commit=kept_commit, best_before=best, margin=m,
-                           margin_how=m_how, noise_std=(s.noise or {}).get("std"), seeds_used=seeds_used,
-                           val_bpb_mean=statistics.fmean(values) if values else None, git=git_action,
-                           simpler=opts.simpler, rerun=opts.rerun)
+            rec = j.record(s.branch, result, candidate, chash, started, verdict, reason, values, git_action)
             child = result.child_seconds + sum(c["wall_seconds"] for c in confirms)
             rec["harness_seconds"] = round(time.monotonic() - t0, 3)
             rec["overhead_seconds"] = round(rec["harness_seconds"] - child, 3)
@@ -203,28 +206,10 @@ def run_experiment(opts):
             ledger.append_record(root, rec)
             ledger.append_result(root, rec)
 
-        report_verdict(rec, best, best_rec, result, kept_commit)
+        say(*verdict_lines(rec, tail=result.tail if verdict in ("crash", "interrupted") else ()))
         if verdict == "interrupted":
             return EXIT_SIGNAL.get(stop.name, 130)
         return EXIT_CRASH if verdict == "crash" else EXIT_OK
-
-
-def report_verdict(rec, best, best_rec, result, kept_commit):
-    verdict = rec["verdict"]
-    if verdict in ("crash", "interrupted"):
-        show_failure(result)
-    val = rec["val_bpb_mean"] if rec.get("val_bpb_mean") is not None else rec.get("val_bpb")
-    where = {"keep": f"{short(rec['commit'])} is the new kept commit",
-             "discard": f"train.py reverted to kept commit {short(kept_commit)}",
-             "crash": (f"train.py reverted to kept commit {short(kept_commit)}" if kept_commit else
-                       f"baseline crashed; train.py left as committed in {short(rec['commit'])}, fix it and run again"),
-             "interrupted": f"{rec['git']}; run it again when ready"}[verdict]
-    lines = ["---", f"verdict:      {verdict}", f"reason:       {rec['reason']}",
-             f"val_bpb:      {val:.6f}" if isinstance(val, float) else "val_bpb:      -",
-             f"best_before:  {best:.6f} ({short(best_rec['commit'])})" if best_rec else "best_before:  - (baseline)",
-             f"commit:       {short(rec['commit'])} ({where})",
-             f"wall_seconds: {rec['harness_seconds']:.1f} (harness overhead {rec['overhead_seconds']:.2f})"]
-    say(*lines)
 
 
 # ---------------------------------------------------------------------------
@@ -249,7 +234,7 @@ def run_noise(opts):
                 ledger.append_record(root, s.record("noise", opts, result, seed, commit, chash, started,
                                                     verdict=verdict, reason=failure or "noise run"))
                 if failure:
-                    show_failure(result)
+                    say(f"--- last lines of {runner.LOG_FILE} ---", *result.tail, "---")
                     say(f"noise run {k} failed: {failure}. No noise estimate written.")
                     return EXIT_SIGNAL.get(stop.name, 130) if result.signal_name else EXIT_CRASH
                 say(f"  seed {seed}: val_bpb {result.val_bpb:.6f} ({result.child_seconds:.0f} s)")

@@ -17,10 +17,11 @@ The first successful run on a branch is the baseline and is always kept.
 import math
 import statistics
 
+from autoresearch.common import CONFIRM_SEEDS
+
 DEFAULT_MARGIN = 0.005   # used until `autoresearch noise` has run: a guess, measure it
 NOISE_MULT = 2.0         # two noise standard deviations: a no-op change passes by luck only ~8% of the time
 MARGIN_FLOOR = 0.001     # never trust gains below this, however quiet the hardware looks
-CONFIRM_SEEDS = 2        # extra seeds for a borderline candidate (0: never confirm)
 OK_VERDICTS = ("keep", "discard", "noise")  # runs whose val_bpb is a valid measurement
 
 
@@ -35,6 +36,17 @@ def experiments(records):
 def valid_value(record):
     v = record.get("val_bpb")
     return isinstance(v, (int, float)) and math.isfinite(v) and record.get("verdict") in OK_VERDICTS + ("confirm",)
+
+
+def run_value(record):
+    """The val_bpb an experiment record stands for: the mean of its seeds if it has one, else its single run."""
+    v = record.get("val_bpb_mean")
+    return v if v is not None else record.get("val_bpb")
+
+
+def already_run(records, content_hash):
+    """Earlier experiments of this exact train.py (interrupted ones don't count: they never finished)."""
+    return [r for r in experiments(records) if r.get("content_hash") == content_hash and r["verdict"] != "interrupted"]
 
 
 def reference_value(records, content_hash):
@@ -105,6 +117,27 @@ def judge_mean(mean, n, best, m):
     if gain > bar:
         return "keep", f"confirmed: mean of {n} seeds {mean:.6f} improves by {gain:.4f} (> {bar:.4f})"
     return "discard", f"not confirmed: mean of {n} seeds {mean:.6f} improves by {gain:.4f} (<= {bar:.4f})"
+
+
+def decide(outcomes, best, m, simpler=False, confirm=CONFIRM_SEEDS):
+    """The keep decision for one candidate from its runs so far: `outcomes` is [(seed, val_bpb or the reason the run
+    failed)], the first run first, then its confirmation seeds in order. Returns (verdict, reason, values, more):
+    verdict keep | discard | crash | confirm (borderline: `more` confirmation seeds still to run), and the valid
+    values the verdict rests on."""
+    _, first = outcomes[0]
+    if isinstance(first, str):
+        return "crash", first, [], 0
+    verdict, reason = first_look(first, best, m, simpler, confirm)
+    if verdict != "borderline":
+        return verdict, reason, [first], 0
+    values = [first]
+    for seed, outcome in outcomes[1:1 + confirm]:
+        if isinstance(outcome, str):
+            return "crash", f"confirmation seed {seed}: {outcome}", values, 0
+        values.append(outcome)
+    if len(values) < 1 + confirm:
+        return "confirm", reason, values, 1 + confirm - len(values)
+    return (*judge_mean(statistics.fmean(values), len(values), best, m), values, 0)
 
 
 def noise_estimate(values):

@@ -12,6 +12,8 @@ import math
 import os
 import tempfile
 
+from autoresearch import gate
+
 STATE_DIR = ".autoresearch"
 LEDGER_FILE = "ledger.jsonl"
 NOISE_FILE = "noise.json"
@@ -137,7 +139,7 @@ def read_results(root):
 
 def results_row(record):
     """The results.tsv row of one experiment record. Crashes show 0.000000, as the agent expects."""
-    val = record.get("val_bpb_mean", record.get("val_bpb"))
+    val = gate.run_value(record)
     val = val if isinstance(val, (int, float)) and math.isfinite(val) and record["verdict"] in ("keep", "discard") else 0.0
     mem = (record.get("metrics") or {}).get("peak_vram_mb")
     mem_gb = mem / 1024 if isinstance(mem, (int, float)) and math.isfinite(mem) and val else 0.0

@@ -20,7 +20,7 @@ DPI = 120
 
 
 def _value(r):
-    v = r.get("val_bpb_mean") if r.get("val_bpb_mean") is not None else r.get("val_bpb")
+    v = gate.run_value(r)
     return v if isinstance(v, (int, float)) and math.isfinite(v) and r["verdict"] in ("keep", "discard") else None
 
 

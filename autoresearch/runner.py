@@ -15,18 +15,11 @@ import time
 from dataclasses import dataclass, field
 
 LOG_FILE = "run.log"
-DEFAULT_BUDGET = 300            # training seconds, same default as train.py
 KILL_GRACE = 5.0                # seconds between SIGTERM and SIGKILL of the process group
 PROGRESS_TTY_EVERY = 0.5        # seconds between live progress updates on a terminal...
 PROGRESS_PIPE_EVERY = 30.0      # ...and when captured by an agent's tool (one line each, no \r spam)
 PROGRESS_WIDTH = 110
 TAIL_LINES = 25                 # log lines shown after a crash
-
-
-def default_timeout(budget):
-    """Budget plus a generous allowance for start-up, compilation and the final evaluation: 300 s -> 600 s.
-    At least 300 s: on a CUDA machine whose kernel cache is cold, MLX compiled for ~175 s before step 1."""
-    return budget + max(300.0, budget)
 
 
 @dataclass

@@ -2,14 +2,13 @@
 `autoresearch status`: where the branch stands, from the ledger alone (read-only, needs no lock).
 """
 
-import json
 import math
-import os
 import time
 from datetime import datetime
 
-from autoresearch import gate, gitops, ledger
-from autoresearch.gitops import short
+from autoresearch import candidates, gate, gitops, ledger
+from autoresearch.common import short
+from autoresearch.lock import holder_info, is_serve
 
 LAST_RUNS = 10
 CRASH_HINT_AFTER = 3
@@ -101,15 +100,13 @@ def render(root, branch, n_last=LAST_RUNS):
     out.append(f"last {min(n_last, len(s['last']))} experiments:")
     out.append(f"  {'#':>4}  {'commit':7}  {'val_bpb':>9}  {'status':11}  description")
     for r in s["last"][-n_last:]:
-        val = r.get("val_bpb_mean") if r.get("val_bpb_mean") is not None else r.get("val_bpb")
-        val = _fmt(val) if r["verdict"] in ("keep", "discard") else "-"
+        val = _fmt(gate.run_value(r)) if r["verdict"] in ("keep", "discard") else "-"
         out.append(f"  {r.get('exp', ''):>4}  {short(r['commit']):7}  {val:>9}  {r['verdict']:11}  {r['description']}")
     return "\n".join(out)
 
 
 def parallel_lines(root):
     """Parallel mode: the queue, and what each worker of the coordinator runs (from serve.json)."""
-    from autoresearch import candidates, serve  # parallel mode only
     q = candidates.Queue(root)
     if not q.candidates:
         return []
@@ -117,13 +114,8 @@ def parallel_lines(root):
     waiting = [c for c in pending if not c["running"]]
     out = [f"queue:           {len(waiting)} waiting, {len(pending) - len(waiting)} running"]
     out += [f"  waiting  {c['id']:>5}  {short(c['commit'])}  {c['description']}" for c in waiting]
-    from autoresearch.parallel import is_serve, serve_info
-    try:
-        with open(os.path.join(root, ledger.STATE_DIR, serve.SERVE_FILE)) as f:
-            state = json.load(f)
-        if not is_serve(serve_info(root)):
-            raise OSError("serve.json left behind by a coordinator that was killed")
-    except (OSError, ValueError, KeyError):
+    state = candidates.read_serve_state(root)
+    if state is None or not is_serve(holder_info(root)):  # none, or left behind by a coordinator that was killed
         if pending:
             out.append("workers:         none (no coordinator running: `autoresearch wait` resumes the queue)")
         return out
