@@ -6,6 +6,8 @@ Layers, bottom-up: common -> gitops / ledger / gate / runner / lock -> experimen
 parallel -> cli. `status` and `plot` read the ledger and sit beside experiment, never above parallel mode.
 """
 
+import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -21,6 +23,26 @@ CONFIRM_SEEDS = 2               # extra seeds for a borderline candidate (0: nev
 
 class Refusal(Exception):
     """A reason not to start; printed as is, nothing has been changed."""
+
+
+def number(what, text, integer=False, low=0.0, low_ok=False):
+    """A setting from the command line or the environment, checked before anything happens: a finite number above
+    `low` (or equal, with low_ok), whole if `integer`. Anything else is a Refusal saying what was wrong."""
+    kind = "a whole number" if integer else "a number"
+    bound = f"{'>=' if low_ok else '>'} {low:g}"
+    try:
+        value = int(text) if integer else float(text)
+    except (TypeError, ValueError):
+        raise Refusal(f"{what} must be {kind} {bound}, got {text!r}") from None
+    if not math.isfinite(value) or value < low or (value == low and not low_ok):
+        raise Refusal(f"{what} must be {kind} {bound}, got {text!r}")
+    return value
+
+
+def env_number(name, default, **kw):
+    """number() for an environment variable; unset or empty gives the default."""
+    text = os.environ.get(name)
+    return number(f"{name} (environment)", text, **kw) if text not in (None, "") else default
 
 
 def default_timeout(budget):

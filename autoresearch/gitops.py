@@ -96,6 +96,16 @@ def content_hash(root):
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def read_train(root):
+    with open(os.path.join(root, TRAIN_FILE), "rb") as f:
+        return f.read()
+
+
+def write_train(root, data):
+    with open(os.path.join(root, TRAIN_FILE), "wb") as f:
+        f.write(data)
+
+
 def has_identity(root):
     return bool(git(root, "config", "user.email", check=False)) and bool(git(root, "config", "user.name", check=False))
 

@@ -60,6 +60,10 @@ def submit(opts, address=None, workers=None, idle=None):
             queued = [c for c in q.pending(candidates.finished_ids(records))
                       if c["branch"] == branch and c["content_hash"] == chash]
             experiment.refuse_if_already_run(gate.branch_records(records, branch), chash, queued)
+        j = experiment.Judgement(gate.branch_records(records, branch), ledger.read_noise(root, branch), opts,
+                                 lambda commit: gitops.is_ancestor(root, commit, "HEAD"), chash)
+        j.check_settings(experiment.planned_settings(opts, here=False), branch)  # the device is checked after the run
+        opts.seed = j.seeds(n=1)[0]
         tip = gitops.head(root)
         blob = gitops.write_train_blob(root)
         commit = tip if blob == gitops.blob_at(root, tip) else gitops.commit_blob_on(root, tip, blob, opts.description)

@@ -1,11 +1,14 @@
 """
 Run train.py once: its own process group, a hard wall-clock timeout, the full output in run.log, a short live
-progress line on the terminal, and the `---` summary block parsed at the end.
+progress line on the terminal, and the `---` summary block parsed at the end. Also what the run was: its
+settings (budget, corpus, evaluation size, device), steps, tok/s and start-up time, read from its output.
 """
 
+import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +23,7 @@ PROGRESS_TTY_EVERY = 0.5        # seconds between live progress updates on a ter
 PROGRESS_PIPE_EVERY = 30.0      # ...and when captured by an agent's tool (one line each, no \r spam)
 PROGRESS_WIDTH = 110
 TAIL_LINES = 25                 # log lines shown after a crash
+DEFAULT_CACHE = os.path.join("~", ".cache", "autoresearch")  # prepare.py's default cache directory
 
 
 @dataclass
@@ -30,6 +34,7 @@ class RunResult:
     summary: dict = field(default_factory=dict)
     child_seconds: float = 0.0
     tail: list = field(default_factory=list)
+    facts: dict = field(default_factory=dict)    # run_facts(): steps, tok/s, start-up, eval tokens, device, corpus
 
     @property
     def val_bpb(self):
@@ -69,6 +74,51 @@ def parse_summary(text):
         except ValueError:
             summary[key] = value
     return summary
+
+
+def run_facts(text, summary):
+    """What a run reports about itself besides val_bpb. Summary keys win (tok_per_sec, startup_seconds, eval_tokens
+    if train.py prints them); otherwise the lines train.py prints before the summary. Missing ones are None."""
+    def line(pattern):
+        found = re.findall(pattern, text, re.M)
+        return found[-1] if found else None
+
+    def number(key):
+        v = summary.get(key)
+        return v if isinstance(v, float) and math.isfinite(v) else None
+
+    steps, seconds = number("num_steps"), number("training_seconds")
+    tok_per_sec = number("tok_per_sec")
+    batch, untimed = line(r"^Batch: (\d+) tokens per step"), line(r"(\d+) untimed steps")
+    if tok_per_sec is None and steps is not None and seconds:
+        if batch:
+            tok_per_sec = (steps - int(untimed or 0)) * int(batch) / seconds
+        elif number("total_tokens_M") is not None:
+            tok_per_sec = number("total_tokens_M") * 1e6 / seconds
+    startup = number("startup_seconds")
+    if startup is None and line(r"^Startup: ([0-9.]+)s"):
+        startup = float(line(r"^Startup: ([0-9.]+)s"))
+    if startup is None and number("total_seconds") is not None and seconds is not None:
+        startup = number("total_seconds") - seconds - float(line(r"^Eval: ([0-9.]+)s") or 0)
+    eval_tokens = number("eval_tokens") or line(r"^Hardware: .*\beval (\d+) tokens")
+    budget = line(r"^Time budget: ([0-9.eE+-]+)s")
+    return {"steps": int(steps) if steps is not None else None,
+            "tok_per_sec": round(tok_per_sec, 1) if tok_per_sec is not None else None,
+            "startup_seconds": round(startup, 1) if startup is not None else None,
+            "eval_tokens": int(eval_tokens) if eval_tokens is not None else None,
+            "budget": float(budget) if budget else None}
+
+
+def corpus_identity(env=None):
+    """Which corpus the cache train.py will read holds: prepare.py's data/source.json ({"source": "local",
+    "sha256": ...} or {"source": "climbmix", "url": ...}), or None if there is none."""
+    env = os.environ if env is None else env
+    cache = os.path.expanduser(env.get("AUTORESEARCH_CACHE") or DEFAULT_CACHE)
+    try:
+        with open(os.path.join(cache, "data", "source.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 class _Progress:
@@ -134,6 +184,7 @@ def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, 
     log_path = os.path.join(root, LOG_FILE)
     result = RunResult()
     chunks, last_line = [], [""]
+    corpus = corpus_identity(env)  # read before the run: the cache this run trains on
     log = open(log_path, "wb")
     start = time.monotonic()
     # own session = own process group: the timeout kills train.py and everything it started, and a Ctrl-C on
@@ -188,6 +239,7 @@ def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, 
     result.returncode = proc.returncode
     text = b"".join(chunks).decode(errors="replace")
     result.summary = parse_summary(text)
+    result.facts = {**run_facts(text, result.summary), "corpus": corpus, "device": device_key(hardware())}
     result.tail = [line for line in text.replace("\r", "\n").split("\n") if line.strip()][-TAIL_LINES:]
     return result
 
@@ -204,6 +256,11 @@ def hardware():
         info = {"host": platform.node(), "system": platform.system(), "machine": platform.machine(),
                 "cpu_count": os.cpu_count(), "python": platform.python_version()}
         try:
+            with open("/proc/cpuinfo") as f:
+                info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+        except OSError:
+            pass
+        try:
             from importlib.metadata import version
             info["mlx"] = version("mlx")
         except Exception:
@@ -212,7 +269,7 @@ def hardware():
             try:
                 out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                      capture_output=True, text=True, timeout=10).stdout.strip()
-                info["gpu"] = ", ".join(out.splitlines()) or None
+                info["gpu"] = ", ".join(sorted(set(out.splitlines()))) or None  # the model, not how many
             except (OSError, subprocess.SubprocessError):
                 pass
         elif platform.system() == "Darwin":
@@ -223,3 +280,8 @@ def hardware():
                 pass
         _HARDWARE = info
     return _HARDWARE
+
+
+def device_key(hw):
+    """The kind of device a run trained on, for comparing runs: the GPU model, the Mac's chip, else the CPU."""
+    return hw.get("gpu") or hw.get("chip") or f"{hw.get('cpu') or hw.get('machine')}, {hw.get('cpu_count')} cores"

@@ -156,15 +156,16 @@ class Coordinator:
         tip = gitops.rev(root, ref)
         records = gate.branch_records(ledger.read_ledger(root), branch)
         in_history = (lambda commit: gitops.is_ancestor(root, commit, tip)) if tip else (lambda commit: False)
-        j = Judgement(records, ledger.read_noise(root, branch), opts, in_history)
+        j = Judgement(records, ledger.read_noise(root, branch), opts, in_history, c["content_hash"])
+        confirm_seeds = c["seeds"][1:] or [s for s in j.seeds() if s != c["seed"]][:opts.confirm]
 
         outcomes, confirms = [], []
-        for seed in [c["seed"]] + j.confirm_seeds():
+        for seed in [c["seed"]] + confirm_seeds:
             event, lost = c["results"].get(seed), candidates.exhausted(c, seed)
             if event is None and lost is None:
                 if seed not in c["seeds"]:  # borderline: ask for the confirmation seeds, all at once
-                    append_event(root, "confirm", id=c["id"], seeds=j.confirm_seeds())
-                    log(f"borderline {c['id']}: confirming with seeds {j.confirm_seeds()}")
+                    append_event(root, "confirm", id=c["id"], seeds=confirm_seeds)
+                    log(f"borderline {c['id']}: confirming with seeds {confirm_seeds}")
                     self.queue.refresh()
                 return None
             result = run_result(event)
@@ -175,7 +176,8 @@ class Coordinator:
                     "confirm", branch, opts, result, seed, c["commit"], c["content_hash"], (event or {}).get("started"),
                     hardware=(event or {}).get("hardware"), verdict="crash" if fail else "confirm",
                     reason=fail or "confirmation seed", candidate=c["id"], exp=j.exp_id))
-            verdict, reason, values, more = j.decide(outcomes)
+            verdict, reason, values, _ = j.decide(outcomes, experiment.run_settings(result, opts)
+                                                  if seed == c["seed"] else None)
             if verdict != "confirm":
                 break
 
@@ -186,15 +188,15 @@ class Coordinator:
         events = [c["results"].get(s) for s in c["seeds"]]
         child = sum(e["result"]["child_seconds"] for e in events if e)
         harness = max(0.0, time.time() - self.start_epoch(c))
-        rec = j.record(branch, run_result(first), commit, c["content_hash"], (first or {}).get("started"), verdict,
-                       reason, values, git_action, hardware=(first or {}).get("hardware"), candidate=c["id"],
+        rec = j.record(branch, run_result(first), commit, (first or {}).get("started"), verdict, reason, values,
+                       git_action, hardware=(first or {}).get("hardware"), seed=c["seed"], candidate=c["id"],
                        worker=(first or {}).get("worker"), candidate_commit=c["commit"], base=c["base"],
                        submitted=c["time"], log=(first or {}).get("log"), harness_seconds=round(harness, 3),
                        overhead_seconds=round(harness - child, 3))
         for r in confirms:
             ledger.append_record(root, r)
         ledger.append_record(root, rec)
-        ledger.append_result(root, rec)
+        ledger.write_results(root)
         log(f"verdict {c['id']}: {verdict} ({reason}); {git_action}")
         return rec
 
@@ -272,8 +274,7 @@ def serve(root, address=None, workers=None, idle=IDLE_SECONDS):
             import ray
         except ImportError:
             raise Refusal(install_hint()) from None
-        if len(ledger.read_results(root)) != len(gate.experiments(ledger.read_ledger(root))):
-            ledger.rebuild_results(root)  # stopped between the ledger and results.tsv: the ledger is the truth
+        ledger.write_results(root)  # stopped between the ledger and results.tsv: the ledger is the truth
         local = not (address or os.environ.get("RAY_ADDRESS"))
         kwargs = {"num_cpus": max(os.cpu_count() or 1, workers or 1)} if local else {}
         ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)

@@ -200,7 +200,7 @@ def test_borderline_candidate_is_confirmed_with_more_seeds(prepo):
     rec = next(x for x in runs(repo) if x["candidate"] == cid)
     assert rec["verdict"] == "keep" and rec["seeds_used"] == 3 and "confirmed" in rec["reason"]
     assert sorted(x["seed"] for x in ledger(repo) if x["kind"] == "confirm") == [43, 44]
-    assert len(results(repo)) == 3 and "[mean of 3 seeds]" in results(repo)[-1][4]
+    assert len(results(repo)) == 3 and "[mean of 3 runs]" in results(repo)[-1][4]
 
 
 def test_cli_without_ray(tmp_path, monkeypatch):
