@@ -241,7 +241,7 @@ def run_experiment(opts):
         committed = gitops.train_changed(root)
         candidate = gitops.commit_train(root, opts.description) if committed else base
         say(f"experiment #{j.exp_id} on {s.branch}: commit {short(candidate)} {opts.description!r}, seed {seeds[0]}",
-            "  best so far: " + (f"{j.best:.6f} ({short(j.best_rec['commit'])}, mean of {j.n_best} runs)"
+            "  best so far: " + (f"{j.best:.6f} ({short(j.best_rec['commit'])}, mean of {j.n_best} run{'s' * (j.n_best != 1)})"
                                  if j.best_rec else "none (this run is the baseline)")
             + f", margin {j.margin:.4f} [{j.margin_how}], timeout {opts.hard_timeout():.0f} s, log in {runner.LOG_FILE}")
 

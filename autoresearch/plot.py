@@ -21,15 +21,24 @@ FIGSIZE = (12, 6)
 DPI = 120
 
 
-def make_plot(records, path, title="", margin=None):
+def series(records, margin=None):
+    """What the plot draws: (experiment number, value[, record]) of kept and discarded experiments, the crashes'
+    numbers, and the margin in force at each experiment (the record's, else `margin`)."""
     exps = [r for r in gate.experiments(records) if r["verdict"] != "interrupted"]
     xs = [r.get("exp") or i for i, r in enumerate(exps, 1)]
     vals = [gate.shown_value(records, r) if r["verdict"] in ("keep", "discard") else None for r in exps]
     vals = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in vals]
-    kept = [(x, v, r) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "keep"]
-    disc = [(x, v) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "discard"]
-    crash = [x for x, r in zip(xs, exps) if r["verdict"] == "crash"]
-    margins = [r.get("margin") if isinstance(r.get("margin"), (int, float)) else margin for r in exps]
+    return {"exps": exps, "xs": xs, "vals": vals,
+            "kept": [(x, v, r) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "keep"],
+            "discarded": [(x, v) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "discard"],
+            "crash": [x for x, r in zip(xs, exps) if r["verdict"] == "crash"],
+            "margins": [r.get("margin") if isinstance(r.get("margin"), (int, float)) else margin for r in exps]}
+
+
+def make_plot(records, path, title="", margin=None):
+    s = series(records, margin)
+    exps, xs, vals, kept, disc, crash, margins = (s[k] for k in ("exps", "xs", "vals", "kept", "discarded", "crash",
+                                                                  "margins"))
 
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     good = [v for v in vals if v is not None]

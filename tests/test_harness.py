@@ -29,20 +29,20 @@ def git(repo, *args):
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def harness_env():
+def harness_env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
     env["PYTHONPATH"] = ROOT
-    return env
+    return {**env, **extra}
 
 
-def ar(repo, *args, timeout=60):
+def ar(repo, *args, timeout=60, env=None):
     return subprocess.run([sys.executable, "-m", "autoresearch", *args], cwd=repo, capture_output=True, text=True,
-                          env=harness_env(), timeout=timeout)
+                          env=harness_env(**(env or {})), timeout=timeout)
 
 
-def ar_start(repo, *args):
+def ar_start(repo, *args, env=None):
     return subprocess.Popen([sys.executable, "-m", "autoresearch", *args], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=harness_env())
+                            stderr=subprocess.STDOUT, text=True, env=harness_env(**(env or {})))
 
 
 @pytest.fixture
