@@ -67,16 +67,14 @@ NOISE_AGAIN = ("measure noise again (`autoresearch noise`) once the machine's lo
 def run_settings(result, opts):
     """The settings a run was made with, as compared between runs (gate.SETTINGS)."""
     f = result.facts
-    return {"budget": f.get("budget") or opts.budget, "corpus": f.get("corpus"), "eval_tokens": f.get("eval_tokens"),
-            "device": f.get("device")}
+    return {"budget": f.get("budget") or opts.budget, "corpus": f.get("corpus"), "eval_request": f.get("eval_request"),
+            "eval_tokens": f.get("eval_tokens"), "device": f.get("device")}
 
 
 def planned_settings(opts, here=True):
     """The settings a run will have, as far as they are known before it starts (`here`: on this machine)."""
-    tokens = os.environ.get("AUTORESEARCH_EVAL_TOKENS")
     return {"budget": opts.budget, "corpus": runner.corpus_identity() if here else None,
-            "eval_tokens": int(tokens) if tokens else None,
-            "device": runner.device_key(runner.hardware()) if here else None}
+            "eval_request": runner.eval_request(), "device": runner.device_key(runner.hardware()) if here else None}
 
 
 def make_record(kind, branch, opts, result, seed, commit, content_hash, started, hardware=None, **extra):
@@ -169,7 +167,7 @@ class Judgement:
             rerun=self.opts.rerun, **extra)
         if gate.settings_differ(rec["settings"], self.reference):
             rec["comparable"] = False  # never pooled with, or judged against, the branch's runs
-        rec["warnings"] = self.warnings(rec)
+        rec["warnings"] = self.warnings(rec) if verdict in ("keep", "discard") else []
         return rec
 
 
@@ -201,7 +199,7 @@ def throughput(rec):
 
 def verdict_lines(rec, tail=(), log_name=runner.LOG_FILE, root=None):
     """The verdict block, as `run` and `wait` print it: the log tail of a failed run first."""
-    lines = [f"--- last lines of {log_name} ---", *tail, "---"] if tail else []
+    lines = [f"--- last lines of {log_name} ---", *tail] if tail else []
     val = gate.run_value(rec)
     runs = f" (mean of {rec['seeds_used']} runs)" if rec.get("seeds_used", 1) > 1 else ""
     best = rec.get("best_before")
@@ -276,7 +274,7 @@ def run_experiment(opts):
                     git_action = "candidate commit undone, your edited train.py left in the working tree"
                 git_action += "; run it again when ready"
             elif verdict in ("discard", "crash") and j.kept_commit:
-                newer = gitops.read_train(root) if gitops.content_hash(root) != chash else None
+                newer = gitops.read_train(root) if gitops.content_hash(root) not in (chash, None) else None
                 how = gitops.revert_train(root, j.kept_commit, f"autoresearch: revert train.py to {short(j.kept_commit)}")
                 git_action = f"train.py reverted to kept commit {short(j.kept_commit)} ({how})"
                 if newer is not None:

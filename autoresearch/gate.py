@@ -26,7 +26,9 @@ DEFAULT_MARGIN = 0.005   # used until `autoresearch noise` has run: a guess, mea
 NOISE_MULT = 2.0         # two noise standard deviations: a no-op change passes by luck only ~8% of the time
 MARGIN_FLOOR = 0.001     # never trust gains below this, however quiet the hardware looks
 OK_VERDICTS = ("keep", "discard", "noise")  # runs whose val_bpb is a valid measurement
-SETTINGS = ("budget", "corpus", "eval_tokens", "device")  # what must be equal for two runs to be compared
+# what must be equal for two runs to be compared: eval_request is AUTORESEARCH_EVAL_TOKENS as set (or "default"),
+# known before a run; eval_tokens what the run says it evaluated
+SETTINGS = ("budget", "corpus", "eval_request", "eval_tokens", "device")
 
 
 def branch_records(ledger, branch):
@@ -129,7 +131,8 @@ def judge(val, best, m, simpler=False, n=1, n_best=1):
     if best is None:
         return "keep", "baseline: first successful run on this branch"
     b = bar(m, n, n_best)
-    vs = f"mean of {n} runs vs the best's {n_best}, bar {b:.4f}" if (n, n_best) != (1, 1) else f"margin {m:.4f}"
+    vs = (f"mean of {n} run{'s' * (n != 1)} vs the best's {n_best}, bar {b:.4f}" if (n, n_best) != (1, 1)
+          else f"margin {m:.4f}")
     gain = best - val
     if simpler:
         if gain >= -b:

@@ -92,8 +92,12 @@ def train_changed(root):
 
 
 def content_hash(root):
-    with open(os.path.join(root, TRAIN_FILE), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    """A short hash of train.py's bytes, or None if there is no train.py."""
+    try:
+        with open(os.path.join(root, TRAIN_FILE), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except FileNotFoundError:
+        return None
 
 
 def read_train(root):

@@ -44,7 +44,7 @@ def make_plot(records, path, title="", margin=None):
     good = [v for v in vals if v is not None]
     # y range from the kept results, so one terrible discard doesn't flatten the interesting part
     if kept:
-        lo = min(good)
+        lo = min(min(good), min(v for _, v, _ in kept) - max([m for m in margins if m] or [0]))  # room for the band
         hi = max(kept[0][1], max(v for _, v, _ in kept))
         span = max(hi - lo, 0.01)
         ylo, yhi = lo - 0.15 * span, hi + 0.6 * span

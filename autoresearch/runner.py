@@ -109,6 +109,12 @@ def run_facts(text, summary):
             "budget": float(budget) if budget else None}
 
 
+def eval_request(env=None):
+    """The evaluation size asked of train.py: AUTORESEARCH_EVAL_TOKENS, or "default" (prepare.py's profile)."""
+    env = os.environ if env is None else env
+    return env.get("AUTORESEARCH_EVAL_TOKENS") or "default"
+
+
 def corpus_identity(env=None):
     """Which corpus the cache train.py will read holds: prepare.py's data/source.json ({"source": "local",
     "sha256": ...} or {"source": "climbmix", "url": ...}), or None if there is none."""
@@ -239,7 +245,8 @@ def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, 
     result.returncode = proc.returncode
     text = b"".join(chunks).decode(errors="replace")
     result.summary = parse_summary(text)
-    result.facts = {**run_facts(text, result.summary), "corpus": corpus, "device": device_key(hardware())}
+    result.facts = {**run_facts(text, result.summary), "corpus": corpus, "device": device_key(hardware()),
+                    "eval_request": eval_request(env)}
     result.tail = [line for line in text.replace("\r", "\n").split("\n") if line.strip()][-TAIL_LINES:]
     return result
 

@@ -39,7 +39,7 @@ def test_every_record_has_its_settings(repo):
 @pytest.mark.parametrize("args,env,what", [
     (["--budget", "40"], {}, "budget 40.0 vs 300"),
     ([], {"AUTORESEARCH_TIME_BUDGET": "40"}, "budget 40.0 vs 300"),
-    ([], {"AUTORESEARCH_EVAL_TOKENS": "8192"}, "eval_tokens 8192 vs 16384"),
+    ([], {"AUTORESEARCH_EVAL_TOKENS": "8192"}, "eval_request 8192 vs default"),
 ])
 def test_other_settings_are_refused_before_anything_changes(repo, args, env, what):
     baseline(repo)
