@@ -25,27 +25,33 @@ Commit train.py (if it changed), run it with a hard timeout, record the result, 
 
 Refuses (exit 2, nothing changed) outside a git repository, off an autoresearch/<tag> branch, with uncommitted
 changes to any file but train.py, with a damaged results.tsv/ledger, while another autoresearch command runs in
-this repository, or when this exact train.py was already run on this branch (unless --rerun).
+this repository, with a bad setting (flag or environment variable), with other settings than the best kept run
+(budget, corpus, evaluation size, device: start a new branch for those), or when this exact train.py was already
+run on this branch (unless --rerun, which adds a run with a new seed to its pool).
 
-Keep gate: the first successful run on a branch is the baseline. Afterwards a candidate is kept only if
-    best_kept - val_bpb > 2 * margin                      (clear win), or
-    margin < gain <= 2 * margin and, after --confirm extra seeds, the mean still gains > margin*sqrt((1+1/n)/2)
+Keep gate: the first successful run on a branch is the baseline. Every value is a pooled mean: all valid runs of
+one train.py content, one per seed. A candidate (mean of n runs) is kept only if, against the best kept (mean of
+n_best runs), with bar = margin * sqrt((1/n + 1/n_best) / 2):
+    best_kept - mean > 2 * bar                            (clear win), or
+    bar < gain <= 2 * bar and, after --confirm extra seeds join its pool, the gain still exceeds the new bar
 with margin = max({gate.NOISE_MULT:g} * noise_std, {gate.MARGIN_FLOOR:g}) from `autoresearch noise`, and
-{gate.DEFAULT_MARGIN:g} until noise has been measured. best_kept is the mean over all runs of the best kept commit.
+{gate.DEFAULT_MARGIN:g} until noise has been measured.
 On discard or crash only train.py is reset to the last kept commit (the branch moves back; other files are
-never touched). Ctrl-C / SIGTERM stops train.py and undoes the candidate commit, leaving your edit in place.
+never touched); a train.py edited while the run went is left as it is. Ctrl-C / SIGTERM stops train.py and
+undoes the candidate commit, leaving your edit in place.
 
-Prints a live progress line, the log tail on a crash, and a final block:
-    verdict: keep|discard|crash|interrupted, reason, val_bpb, best_before, commit, wall_seconds
+Prints a live progress line, the log tail on a crash, and a final block: verdict (keep|discard|crash|interrupted),
+reason, val_bpb, best_before, throughput (steps, tok/s, start-up), commit, wall_seconds, and warnings when tok/s
+moved more than 15 % from the noise runs' or start-up is far above the baseline's. docs/faults.md lists the faults.
 """
 
 NOISE_HELP = """\
-Run the committed train.py N times with seeds seed+1..seed+N and store the spread of val_bpb (sample standard
-deviation over all valid runs of this exact train.py, one per seed, the baseline run included) in
-.autoresearch/noise.json. From then on the keep margin is max(2 x noise_std, 0.001). Run it once right after
-the baseline, and again if the hardware or the model size changes a lot. Costs N full runs.
+Run the committed train.py N times with seeds it has not run with yet and store the spread of val_bpb (sample
+standard deviation over all valid runs of this exact train.py, one per seed, the baseline run included) and their
+tok/s in .autoresearch/noise.json. From then on the keep margin is max(2 x noise_std, 0.001). Run it once right
+after the baseline, and again when a verdict warns that tok/s moved (other load on the machine) or after a keep
+that changes the model's speed. Costs N full runs.
 """
-
 
 class Parser(argparse.ArgumentParser):
     """Bad arguments: one line and exit 2, like every other refusal (the subcommands' parsers are this class too)."""
@@ -145,7 +151,9 @@ def build_parser():
                        help="fixed keep margin in val_bpb, instead of the one derived from the noise estimate")
         p.add_argument("--simpler", action="store_true",
                        help="this change simplifies the code: keep it unless it is worse than best by more than the margin")
-        p.add_argument("--rerun", action="store_true", help="run even if this exact train.py was already run")
+        p.add_argument("--rerun", action="store_true",
+                       help="run this exact train.py again although it was already run: one more run, with a seed "
+                            "it has not run with, joins its pool")
         if name == "submit":
             _add_cluster_options(p)
 

@@ -165,6 +165,8 @@ class Judgement:
             noise_tok_per_sec=(self.noise or {}).get("tok_per_sec"), seeds_used=len(values) or 1,
             val_bpb_mean=statistics.fmean(values) if values else None, git=git_action, simpler=self.opts.simpler,
             rerun=self.opts.rerun, **extra)
+        if self.measure_only and verdict == "keep":
+            rec["remeasure"] = True  # a measurement of the best, not an idea: not counted in the keep rate
         if gate.settings_differ(rec["settings"], self.reference):
             rec["comparable"] = False  # never pooled with, or judged against, the branch's runs
         rec["warnings"] = self.warnings(rec) if verdict in ("keep", "discard") else []
@@ -269,6 +271,8 @@ def run_experiment(opts):
             # git first: a kept candidate stays; anything else gives train.py back to the kept commit, except an
             # edit made to train.py while the run was going: the newer file stays in the working tree
             git_action = f"{short(candidate)} is the new kept commit" if verdict == "keep" else "train.py left as it was"
+            if verdict == "keep" and j.measure_only:
+                git_action = f"{short(candidate)} stays the kept commit, with one more run in its pool"
             if verdict == "interrupted":
                 if committed and gitops.undo_commit(root, candidate, base):
                     git_action = "candidate commit undone, your edited train.py left in the working tree"

@@ -29,7 +29,7 @@ def summarize(records, noise=None, in_history=lambda commit: True):
     kept = gate.kept(records, in_history)
     best_rec, best = gate.best_kept(records, in_history)
     baseline = kept[0] if kept else None
-    tried = [r for r in done if r is not baseline]  # the baseline is a measurement, not an idea
+    tried = [r for r in done if r is not baseline and not r.get("remeasure")]  # measurements, not ideas
     keeps = [r for r in tried if r["verdict"] == "keep"]
     crashes_in_row = 0
     for r in reversed(done):

@@ -157,10 +157,11 @@ def test_rerun_of_the_best_measures_it_again(repo):
     head = baseline(repo)
     r = ar(repo, "run", "-m", "baseline again", "--rerun")
     assert r.returncode == 0 and "verdict:      keep" in r.stdout and "measured again" in r.stdout
-    assert git(repo, "rev-parse", "HEAD") == head
+    assert "stays the kept commit" in r.stdout and git(repo, "rev-parse", "HEAD") == head
     values = [x["val_bpb"] for x in runs(repo)]
     status = ar(repo, "status").stdout
     assert f"best:            {statistics.fmean(values):.6f} (mean of 2 runs)" in status
+    assert "keep rate:       -" in status  # a measurement, not an idea
 
 
 def test_after_a_simpler_keep_the_reference_is_its_pooled_mean(repo):
