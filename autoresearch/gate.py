@@ -147,10 +147,6 @@ def judge(val, best, m, simpler=False, n=1, n_best=1):
     return "discard", f"no improvement: {val:.6f} vs best {best:.6f} ({vs})"
 
 
-def confirm_bar(m, n, n_best=1):
-    return bar(m, n, n_best)
-
-
 def judge_mean(mean, n, best, m, n_best=1):
     """Verdict for a borderline candidate after confirmation, its pool now n runs."""
     b = bar(m, n, n_best)

@@ -24,6 +24,7 @@ PROGRESS_PIPE_EVERY = 30.0      # ...and when captured by an agent's tool (one l
 PROGRESS_WIDTH = 110
 TAIL_LINES = 25                 # log lines shown after a crash
 DEFAULT_CACHE = os.path.join("~", ".cache", "autoresearch")  # prepare.py's default cache directory
+DECIMAL = r"\d+(?:\.\d+)?"       # numbers read from train.py's own lines (it may print anything: never crash on it)
 
 
 @dataclass
@@ -96,12 +97,12 @@ def run_facts(text, summary):
         elif number("total_tokens_M") is not None:
             tok_per_sec = number("total_tokens_M") * 1e6 / seconds
     startup = number("startup_seconds")
-    if startup is None and line(r"^Startup: ([0-9.]+)s"):
-        startup = float(line(r"^Startup: ([0-9.]+)s"))
+    if startup is None and line(rf"^Startup: ({DECIMAL})s"):
+        startup = float(line(rf"^Startup: ({DECIMAL})s"))
     if startup is None and number("total_seconds") is not None and seconds is not None:
-        startup = number("total_seconds") - seconds - float(line(r"^Eval: ([0-9.]+)s") or 0)
+        startup = number("total_seconds") - seconds - float(line(rf"^Eval: ({DECIMAL})s") or 0)
     eval_tokens = number("eval_tokens") or line(r"^Hardware: .*\beval (\d+) tokens")
-    budget = line(r"^Time budget: ([0-9.eE+-]+)s")
+    budget = line(rf"^Time budget: ({DECIMAL})s")
     return {"steps": int(steps) if steps is not None else None,
             "tok_per_sec": round(tok_per_sec, 1) if tok_per_sec is not None else None,
             "startup_seconds": round(startup, 1) if startup is not None else None,

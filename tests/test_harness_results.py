@@ -287,3 +287,20 @@ def test_bad_settings_for_noise_and_status(repo):
     assert len(ledger(repo)) == 1
     r = ar(repo, "status", env={"AUTORESEARCH_TIME_BUDGET": "abc", "AUTORESEARCH_TIMEOUT": "nan"})
     assert r.returncode == 0 and "Traceback" not in r.stderr and "best:" in r.stdout
+
+
+def test_run_facts_from_train_py_output():
+    from autoresearch import runner
+
+    text = ("Hardware: cpu (AMD EPYC, 24 GB) | defaults: depth 2, device batch 2, total batch 4096 tokens, float32, "
+            "eval 131072 tokens\nTime budget: 15s\nBatch: 4096 tokens per step = 1 x 2 rows x 2048\n"
+            "Startup: 3.8s (data, compile, 2 untimed steps)\nEval: 6.1s\n---\nval_bpb: 2.5\ntraining_seconds: 15.2\n"
+            "total_seconds: 25.3\nnum_steps: 12\ntotal_tokens_M: 0.0\n")
+    facts = runner.run_facts(text, runner.parse_summary(text))
+    assert facts == {"steps": 12, "tok_per_sec": round(10 * 4096 / 15.2, 1), "startup_seconds": 3.8,
+                     "eval_tokens": 131072, "budget": 15.0}
+    # summary keys win over the lines; whatever an edited train.py prints, the harness reads it without failing
+    text += "eval_tokens: 8192\nstartup_seconds: 2.0\n"
+    assert runner.run_facts(text, runner.parse_summary(text))["eval_tokens"] == 8192
+    for junk in ("Time budget: .s\nStartup: xs\n---\nnum_steps: nan\ntraining_seconds: 0\n", "---\neval_tokens: inf\n"):
+        assert set(runner.run_facts(junk, runner.parse_summary(junk)).values()) == {None}
