@@ -19,8 +19,10 @@ import os
 from contextlib import contextmanager
 
 from autoresearch import ledger
+from autoresearch.common import now_iso
 
 QUEUE_FILE = "queue.jsonl"
+SERVE_FILE = "serve.json"     # the coordinator's workers and what they run, written by serve, read by status
 SUBMIT_LOCK = "submit.lock"
 CANDIDATE_REF = "refs/autoresearch/candidates/"
 MAX_ATTEMPTS = 2  # a job whose worker dies gets one retry; after that the candidate is recorded as a crash
@@ -31,7 +33,6 @@ def queue_path(root):
 
 
 def append_event(root, event, **fields):
-    from autoresearch.experiment import now_iso
     ledger.append_line(queue_path(root), ledger.dumps({"event": event, "time": now_iso(), **fields}))
 
 
@@ -44,6 +45,15 @@ def submit_lock(root):
         yield
     finally:
         os.close(fd)
+
+
+def read_serve_state(root):
+    """serve.json as written by the coordinator, or None."""
+    try:
+        with open(os.path.join(root, ledger.STATE_DIR, SERVE_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def finished_ids(records):

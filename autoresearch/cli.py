@@ -7,8 +7,9 @@ import argparse
 import os
 import sys
 
-from autoresearch import experiment, gate, gitops, ledger, runner, serve
-from autoresearch.gitops import Refusal
+from autoresearch import experiment, gate, gitops, ledger, serve
+from autoresearch.common import (CONFIRM_SEEDS, DEFAULT_BUDGET, DEFAULT_SEED, EXIT_OK, EXIT_REFUSED, NOISE_RUNS,
+                                 Options, Refusal, env_number, number)
 from autoresearch.ledger import LedgerError
 
 DESCRIPTION = """\
@@ -24,41 +25,76 @@ Commit train.py (if it changed), run it with a hard timeout, record the result, 
 
 Refuses (exit 2, nothing changed) outside a git repository, off an autoresearch/<tag> branch, with uncommitted
 changes to any file but train.py, with a damaged results.tsv/ledger, while another autoresearch command runs in
-this repository, or when this exact train.py was already run on this branch (unless --rerun).
+this repository, with a bad setting (flag or environment variable), with other settings than the best kept run
+(budget, corpus, evaluation size, device: start a new branch for those), or when this exact train.py was already
+run on this branch (unless --rerun, which adds a run with a new seed to its pool).
 
-Keep gate: the first successful run on a branch is the baseline. Afterwards a candidate is kept only if
-    best_kept - val_bpb > 2 * margin                      (clear win), or
-    margin < gain <= 2 * margin and, after --confirm extra seeds, the mean still gains > margin*sqrt((1+1/n)/2)
+Keep gate: the first successful run on a branch is the baseline. Every value is a pooled mean: all valid runs of
+one train.py content, one per seed. A candidate (mean of n runs) is kept only if, against the best kept (mean of
+n_best runs), with bar = margin * sqrt((1/n + 1/n_best) / 2):
+    best_kept - mean > 2 * bar                            (clear win), or
+    bar < gain <= 2 * bar and, after --confirm extra seeds join its pool, the gain still exceeds the new bar
 with margin = max({gate.NOISE_MULT:g} * noise_std, {gate.MARGIN_FLOOR:g}) from `autoresearch noise`, and
-{gate.DEFAULT_MARGIN:g} until noise has been measured. best_kept is the mean over all runs of the best kept commit.
+{gate.DEFAULT_MARGIN:g} until noise has been measured.
 On discard or crash only train.py is reset to the last kept commit (the branch moves back; other files are
-never touched). Ctrl-C / SIGTERM stops train.py and undoes the candidate commit, leaving your edit in place.
+never touched); a train.py edited while the run went is left as it is. Ctrl-C / SIGTERM stops train.py and
+undoes the candidate commit, leaving your edit in place.
 
-Prints a live progress line, the log tail on a crash, and a final block:
-    verdict: keep|discard|crash|interrupted, reason, val_bpb, best_before, commit, wall_seconds
+Prints a live progress line, the log tail on a crash, and a final block: verdict (keep|discard|crash|interrupted),
+reason, val_bpb, best_before, throughput (steps, tok/s, start-up), commit, wall_seconds, and warnings when tok/s
+moved more than 15 % from the noise runs' or start-up is far above the baseline's. docs/faults.md lists the faults.
 """
 
 NOISE_HELP = """\
-Run the committed train.py N times with seeds seed+1..seed+N and store the spread of val_bpb (sample standard
-deviation over all valid runs of this exact train.py, one per seed, the baseline run included) in
-.autoresearch/noise.json. From then on the keep margin is max(2 x noise_std, 0.001). Run it once right after
-the baseline, and again if the hardware or the model size changes a lot. Costs N full runs.
+Run the committed train.py N times with seeds it has not run with yet and store the spread of val_bpb (sample
+standard deviation over all valid runs of this exact train.py, one per seed, the baseline run included) and their
+tok/s in .autoresearch/noise.json. From then on the keep margin is max(2 x noise_std, 0.001). Run it once right
+after the baseline, and again when a verdict warns that tok/s moved (other load on the machine) or after a keep
+that changes the model's speed. Costs N full runs.
 """
 
+class Parser(argparse.ArgumentParser):
+    """Bad arguments: one line and exit 2, like every other refusal (the subcommands' parsers are this class too)."""
 
-def _env_float(name, default):
-    value = os.environ.get(name)
-    return float(value) if value else default
+    def error(self, message):
+        self.exit(EXIT_REFUSED, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def checked(integer=False, low=0.0, low_ok=False):
+    """An argparse type: number() with its message as argparse's error."""
+    def parse(text):
+        try:
+            return number("the value", text, integer=integer, low=low, low_ok=low_ok)
+        except Refusal as e:
+            raise argparse.ArgumentTypeError(str(e).replace("the value ", "")) from None
+    return parse
 
 
 def _add_run_options(p):
-    p.add_argument("--seed", type=int, default=experiment.DEFAULT_SEED,
-                   help="AUTORESEARCH_SEED for train.py (default %(default)s)")
-    p.add_argument("--budget", type=float, default=_env_float("AUTORESEARCH_TIME_BUDGET", runner.DEFAULT_BUDGET),
+    p.add_argument("--seed", type=checked(integer=True, low_ok=True), default=DEFAULT_SEED,
+                   help="AUTORESEARCH_SEED for train.py (default %(default)s; a seed this train.py already ran with "
+                        "is skipped for the next one)")
+    p.add_argument("--budget", type=checked(), default=None,
                    help="training seconds, passed as AUTORESEARCH_TIME_BUDGET (default: that variable, else 300)")
-    p.add_argument("--timeout", type=float, default=_env_float("AUTORESEARCH_TIMEOUT", None),
+    p.add_argument("--timeout", type=checked(), default=None,
                    help="hard wall-clock limit per train.py run in seconds; the whole process group is killed "
                         "(default: $AUTORESEARCH_TIMEOUT, else budget + max(300, budget), i.e. 600 for 300)")
+
+
+def run_options(args):
+    """Options for run / noise / submit, every setting checked (flags, then the environment) before anything runs."""
+    budget = args.budget if args.budget is not None else env_number("AUTORESEARCH_TIME_BUDGET", DEFAULT_BUDGET)
+    timeout = args.timeout if args.timeout is not None else env_number("AUTORESEARCH_TIMEOUT", None)
+    if timeout is not None and timeout <= budget:
+        raise Refusal(f"the timeout ({timeout:g} s) must be longer than the training budget ({budget:g} s), or every "
+                      "run is killed: raise --timeout / AUTORESEARCH_TIMEOUT, or leave it unset")
+    env_number("AUTORESEARCH_EVAL_TOKENS", None, integer=True)  # train.py reads it: refuse now, not after a crash
+    return Options(seed=args.seed, budget=budget, timeout=timeout)
+
+
+def cluster_options(args):
+    workers = args.workers if args.workers is not None else env_number("AUTORESEARCH_WORKERS", None, integer=True)
+    return args.address, workers
 
 
 SUBMIT_HELP = """\
@@ -93,13 +129,13 @@ def _add_cluster_options(p):
     p.add_argument("--address", default=os.environ.get("AUTORESEARCH_RAY_ADDRESS"),
                    help="Ray cluster to join, e.g. 10.0.0.1:6379 (default: $AUTORESEARCH_RAY_ADDRESS, else "
                         "$RAY_ADDRESS, else a local cluster on this machine)")
-    p.add_argument("--workers", type=int, default=int(os.environ.get("AUTORESEARCH_WORKERS", 0)) or None,
+    p.add_argument("--workers", type=checked(integer=True), default=None,
                    help="number of workers (default: $AUTORESEARCH_WORKERS, else one per GPU of the cluster, "
                         "else 1 CPU worker)")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="autoresearch", description=DESCRIPTION,
+    parser = Parser(prog="autoresearch", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="{run,noise,status,plot,rebuild-tsv,submit,wait,serve,stop}")
 
@@ -109,24 +145,27 @@ def build_parser():
         p = sub.add_parser(name, help=summary, description=text, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("-m", "--message", required=True, help="what you tried (commit message and results.tsv)")
         _add_run_options(p)
-        p.add_argument("--confirm", type=int, default=gate.CONFIRM_SEEDS,
+        p.add_argument("--confirm", type=checked(integer=True, low_ok=True), default=CONFIRM_SEEDS,
                        help="extra seeds for a borderline candidate (default %(default)s; 0 keeps borderline ones unconfirmed)")
-        p.add_argument("--margin", type=float, default=None,
+        p.add_argument("--margin", type=checked(low_ok=True), default=None,
                        help="fixed keep margin in val_bpb, instead of the one derived from the noise estimate")
         p.add_argument("--simpler", action="store_true",
                        help="this change simplifies the code: keep it unless it is worse than best by more than the margin")
-        p.add_argument("--rerun", action="store_true", help="run even if this exact train.py was already run")
+        p.add_argument("--rerun", action="store_true",
+                       help="run this exact train.py again although it was already run: one more run, with a seed "
+                            "it has not run with, joins its pool")
         if name == "submit":
             _add_cluster_options(p)
 
     p = sub.add_parser("noise", help="measure run-to-run noise of val_bpb on the current commit",
                        description=NOISE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-n", "--runs", type=int, default=experiment.NOISE_RUNS, help="runs (default %(default)s)")
+    p.add_argument("-n", "--runs", type=checked(integer=True, low=1, low_ok=True), default=NOISE_RUNS,
+                   help="runs (default %(default)s)")
     _add_run_options(p)
 
     p = sub.add_parser("status", help="best, baseline, noise, keep rate, pace, recent experiments",
                        description="Summary of the current branch's experiments, from the ledger (read-only).")
-    p.add_argument("-n", "--last", type=int, default=10, help="how many recent experiments to list (default 10)")
+    p.add_argument("-n", "--last", type=checked(integer=True), default=10, help="how many recent experiments to list (default 10)")
     p.add_argument("--branch", help="another branch than the current one")
 
     p = sub.add_parser("plot", help="write progress.png", description=(
@@ -142,14 +181,16 @@ def build_parser():
     p = sub.add_parser("wait", help="print the next verdict(s) of submitted candidates", description=WAIT_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all", action="store_true", help="wait until the queue is empty, then print every new verdict")
-    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 0)")
+    p.add_argument("--timeout", type=checked(low_ok=True), default=None,
+                   help="give up after this many seconds (exit 0)")
     _add_cluster_options(p)
 
     p = sub.add_parser("serve", help="the parallel-mode coordinator (submit/wait start it for you)",
                        description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_cluster_options(p)
-    p.add_argument("--idle", type=float, default=_env_float("AUTORESEARCH_IDLE", serve.IDLE_SECONDS),
-                   help="stop after this many seconds with an empty queue (default: $AUTORESEARCH_IDLE, else %(default)g)")
+    p.add_argument("--idle", type=checked(), default=None,
+                   help="stop after this many seconds with an empty queue "
+                        f"(default: $AUTORESEARCH_IDLE, else {serve.IDLE_SECONDS:g})")
 
     sub.add_parser("stop", help="stop the parallel-mode coordinator", description=(
         "Stop `autoresearch serve` (SIGTERM): running candidates go back to the queue and run again next time."))
@@ -161,19 +202,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
-        return experiment.EXIT_REFUSED
+        return EXIT_REFUSED
     try:
         if args.command in ("wait", "serve", "stop"):
             from autoresearch import parallel
             if args.command == "wait":
-                return parallel.wait(args.all, args.timeout, args.address, args.workers)
+                return parallel.wait(args.all, args.timeout, *cluster_options(args))
             if args.command == "stop":
                 return parallel.stop()
-            return serve.serve(gitops.repo_root(), args.address, args.workers, args.idle)
+            idle = args.idle if args.idle is not None else env_number("AUTORESEARCH_IDLE", serve.IDLE_SECONDS)
+            return serve.serve(gitops.repo_root(), *cluster_options(args), idle)
         if args.command in ("run", "noise", "submit"):
-            if args.budget <= 0 or (args.timeout is not None and args.timeout <= 0):
-                raise Refusal("--budget and --timeout must be positive")
-            opts = experiment.Options(seed=args.seed, budget=args.budget, timeout=args.timeout)
+            opts = run_options(args)
             if args.command in ("run", "submit"):
                 if not args.message.strip():
                     raise Refusal("-m needs a short description of what you tried")
@@ -181,22 +221,20 @@ def main(argv=None):
                 opts.simpler, opts.rerun = args.simpler, args.rerun
                 if args.command == "submit":
                     from autoresearch import parallel
-                    return parallel.submit(opts, args.address, args.workers)
+                    return parallel.submit(opts, *cluster_options(args))
                 return experiment.run_experiment(opts)
-            if args.runs < 1:
-                raise Refusal("-n must be at least 1")
             opts.runs = args.runs
             return experiment.run_noise(opts)
         root = gitops.repo_root()
         if args.command == "rebuild-tsv":
-            n = ledger.rebuild_results(root)
+            n = ledger.write_results(root)
             print(f"wrote {ledger.RESULTS_FILE} with {n} experiments")
-            return experiment.EXIT_OK
+            return EXIT_OK
         branch = args.branch or gitops.current_branch(root) or "HEAD"
         if args.command == "status":
             from autoresearch import status
             print(status.render(root, branch, args.last))
-            return experiment.EXIT_OK
+            return EXIT_OK
         if args.command == "plot":
             from autoresearch import plot  # matplotlib only when asked for
             records = gate.branch_records(ledger.read_ledger(root), branch)
@@ -204,11 +242,11 @@ def main(argv=None):
             path = plot.make_plot(records, args.output or os.path.join(root, plot.PLOT_FILE), title=branch,
                                   margin=margin)
             print(f"wrote {path}")
-            return experiment.EXIT_OK
+            return EXIT_OK
     except (Refusal, LedgerError) as e:
         print(f"autoresearch: {e}", file=sys.stderr)
-        return experiment.EXIT_REFUSED
-    return experiment.EXIT_OK
+        return EXIT_REFUSED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -2,70 +2,22 @@
 One experiment, start to finish: check, commit train.py, run, judge, record, revert if not kept.
 And `noise`: the same commit N times with different seeds.
 
+The keep decision (gate.decide: first look, confirmation seeds if borderline, their mean), the experiment's
+record and its printed verdict are built here once, by `Judgement` and `verdict_lines`, for both `autoresearch
+run` and the parallel coordinator (serve.py), which only differ in how the runs are scheduled.
+
 Order of writes after a run: git first, then the ledger, then results.tsv. A harness killed in between leaves
 git at a consistent state and at worst loses that run's record; the candidate is never half-reverted.
 """
 
-import signal
+import os
 import statistics
 import time
-from dataclasses import dataclass
 
 from autoresearch import gate, gitops, ledger, runner
-from autoresearch.gitops import Refusal, short
+from autoresearch.common import (EXIT_CRASH, EXIT_OK, EXIT_SIGNAL, Refusal, StopSignals, now_iso, say,
+                                 short)
 from autoresearch.lock import RepoLock
-
-EXIT_OK, EXIT_CRASH, EXIT_REFUSED = 0, 1, 2
-EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
-DEFAULT_SEED = 42
-NOISE_RUNS = 3
-
-
-@dataclass
-class Options:
-    description: str = ""
-    seed: int = DEFAULT_SEED
-    budget: float = runner.DEFAULT_BUDGET
-    timeout: float = None        # None: runner.default_timeout(budget)
-    confirm: int = gate.CONFIRM_SEEDS
-    rerun: bool = False
-    simpler: bool = False
-    margin: float = None         # None: from the noise estimate
-    runs: int = NOISE_RUNS       # noise only
-
-    def hard_timeout(self):
-        return self.timeout if self.timeout is not None else runner.default_timeout(self.budget)
-
-
-class StopSignals:
-    """Ctrl-C and SIGTERM become a flag: the run loop stops train.py in order, and the bookkeeping after it
-    can't be cut in half by a second Ctrl-C."""
-
-    def __init__(self):
-        self.name = None
-
-    def __enter__(self):
-        self.saved = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handler(self, signum, frame):
-        self.name = self.name or signal.Signals(signum).name
-
-    def __call__(self):
-        return self.name
-
-    def __exit__(self, *exc):
-        for s, h in self.saved.items():
-            signal.signal(s, h)
-
-
-def say(*lines):
-    for line in lines:
-        print(line, flush=True)
-
-
-def now_iso():
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 class Session:
@@ -106,19 +58,169 @@ class Session:
         return make_record(kind, self.branch, opts, result, seed, commit, content_hash, started, **extra)
 
 
+TOK_PER_SEC_TOLERANCE = 0.15    # a run this much faster or slower than the noise runs ran under another load
+STARTUP_FACTOR, STARTUP_SLACK = 2.0, 30.0  # start-up above 2x the baseline's and 30 s more is flagged
+NOISE_AGAIN = ("measure noise again (`autoresearch noise`) once the machine's load is what it will be for the next "
+               "runs, and after a keep that changes the model's speed")
+
+
+def run_settings(result, opts):
+    """The settings a run was made with, as compared between runs (gate.SETTINGS)."""
+    f = result.facts
+    return {"budget": f.get("budget") or opts.budget, "corpus": f.get("corpus"), "eval_request": f.get("eval_request"),
+            "eval_tokens": f.get("eval_tokens"), "device": f.get("device")}
+
+
+def planned_settings(opts, here=True):
+    """The settings a run will have, as far as they are known before it starts (`here`: on this machine)."""
+    return {"budget": opts.budget, "corpus": runner.corpus_identity() if here else None,
+            "eval_request": runner.eval_request(), "device": runner.device_key(runner.hardware()) if here else None}
+
+
 def make_record(kind, branch, opts, result, seed, commit, content_hash, started, hardware=None, **extra):
     """One ledger record of one train.py process (`hardware`: where it ran, if not on this machine)."""
     rec = {"kind": kind, "branch": branch, "commit": commit, "content_hash": content_hash, "seed": seed,
            "description": opts.description, "start_time": started, "wall_seconds": round(result.child_seconds, 3),
            "budget": opts.budget, "timeout": opts.hard_timeout(), "returncode": result.returncode,
            "timed_out": result.timed_out, "metrics": result.summary, "val_bpb": result.val_bpb,
-           "hardware": hardware or runner.hardware()}
+           "hardware": hardware or runner.hardware(), "settings": run_settings(result, opts),
+           "steps": result.facts.get("steps"), "tok_per_sec": result.facts.get("tok_per_sec"),
+           "startup_seconds": result.facts.get("startup_seconds")}
     rec.update(extra)
     return rec
 
 
-def show_failure(result):
-    say(f"--- last lines of {runner.LOG_FILE} ---", *result.tail, "---")
+def outcome(result):
+    """A run as the gate sees it: its val_bpb, or why it is not a valid result."""
+    return result.failure() or result.val_bpb
+
+
+class Judgement:
+    """What a candidate is judged against, read once before its verdict: the best kept result (its pool and
+    settings), the last kept commit, the margin, the candidate's own earlier runs and seeds. Shared by
+    `autoresearch run`, `noise` and the parallel coordinator."""
+
+    def __init__(self, records, noise, opts, in_history, content_hash):
+        self.records, self.opts, self.noise, self.content_hash = records, opts, noise, content_hash
+        self.best_rec, self.best = gate.best_kept(records, in_history)
+        kept = gate.kept(records, in_history)
+        self.kept_commit = kept[-1]["commit"] if kept else None
+        self.baseline_rec = kept[0] if kept else None
+        self.margin, self.margin_how = gate.margin(noise, opts.margin)
+        self.exp_id = len(gate.experiments(records)) + 1
+        self.n_best = len(gate.pool(records, self.best_rec["content_hash"])) if self.best_rec else 0
+        self.reference = (self.best_rec or {}).get("settings")
+        self.prior = gate.pool(records, content_hash)  # --rerun: earlier runs of this train.py join its pool
+        self.measure_only = bool(self.best_rec) and self.best_rec["content_hash"] == content_hash
+
+    def seeds(self, n=None):
+        """Seeds this train.py has not run with yet, from --seed up: the run's own, then its confirmation seeds."""
+        return gate.free_seeds(self.records, self.content_hash, self.opts.seed, 1 + self.opts.confirm if n is None else n)
+
+    def check_settings(self, planned, branch):
+        """Refuse, before anything changes, a run that could not be compared with the best kept run."""
+        diffs = gate.settings_differ(planned, self.reference)
+        if diffs:
+            raise Refusal(f"this run would not be comparable with the best kept run on {branch} ({'; '.join(diffs)}). "
+                          f"Use the same settings, or start a new baseline on a new branch: "
+                          f"git checkout -b autoresearch/<new-tag>")
+
+    def decide(self, outcomes, settings=None):
+        """gate.decide() with this candidate's options and pool: (verdict, reason, values, more)."""
+        diffs = gate.settings_differ(settings, self.reference)
+        if diffs and not isinstance(outcomes[0][1], str):
+            return ("discard", f"not comparable with the best kept run ({'; '.join(diffs)}): start a new baseline "
+                    "on a new branch (git checkout -b autoresearch/<new-tag>) to use these settings", [], 0)
+        if self.measure_only and not isinstance(outcomes[0][1], str):
+            values = [*self.prior, outcomes[0][1]]
+            return "keep", (f"measured again: the best kept train.py, now the mean of {len(values)} runs "
+                            f"{statistics.fmean(values):.6f}"), values, 0
+        return gate.decide(outcomes, self.best, self.margin, self.opts.simpler, self.opts.confirm, self.prior,
+                           self.n_best)
+
+    def warnings(self, rec):
+        """Throughput against the noise runs', start-up against the baseline's: lines to print, or none."""
+        out = []
+        noise_tps, tps = (self.noise or {}).get("tok_per_sec"), rec.get("tok_per_sec")
+        if noise_tps and tps and abs(tps / noise_tps - 1) > TOK_PER_SEC_TOLERANCE:
+            out.append(f"tok/s {tps:,.0f} is {abs(tps / noise_tps - 1):.0%} {'below' if tps < noise_tps else 'above'} "
+                       f"the noise runs' {noise_tps:,.0f}: the machine's load (or the model's speed) changed, so the "
+                       f"margin may not fit; {NOISE_AGAIN}")
+        base = (self.baseline_rec or {}).get("startup_seconds")
+        start = rec.get("startup_seconds")
+        if base is not None and start is not None and start > STARTUP_FACTOR * base and start > base + STARTUP_SLACK:
+            out.append(f"start-up {start:.0f} s is far above the baseline's {base:.0f} s: work before the timer "
+                       "starts is outside the time budget; move it into the timed loop")
+        return out
+
+    def record(self, branch, result, commit, started, verdict, reason, values, git_action, hardware=None,
+               seed=None, **extra):
+        """The experiment's ledger record (kind "run"): the first run's result, the verdict and what it rests on."""
+        rec = make_record(
+            "run", branch, self.opts, result, seed if seed is not None else self.opts.seed, commit, self.content_hash,
+            started, hardware=hardware, exp=self.exp_id, verdict=verdict, reason=reason,
+            kept_commit=self.kept_commit, best_before=self.best,
+            best_commit=self.best_rec["commit"] if self.best_rec else None, best_runs=self.n_best,
+            margin=self.margin, margin_how=self.margin_how, noise_std=(self.noise or {}).get("std"),
+            noise_tok_per_sec=(self.noise or {}).get("tok_per_sec"), seeds_used=len(values) or 1,
+            val_bpb_mean=statistics.fmean(values) if values else None, git=git_action, simpler=self.opts.simpler,
+            rerun=self.opts.rerun, **extra)
+        if self.measure_only and verdict == "keep":
+            rec["remeasure"] = True  # a measurement of the best, not an idea: not counted in the keep rate
+        if gate.settings_differ(rec["settings"], self.reference):
+            rec["comparable"] = False  # never pooled with, or judged against, the branch's runs
+        rec["warnings"] = self.warnings(rec) if verdict in ("keep", "discard") else []
+        return rec
+
+
+def refuse_if_already_run(records, content_hash, queued=None):
+    """One refusal for a train.py that was already run (or, in parallel mode, is queued)."""
+    earlier = gate.already_run(records, content_hash)
+    if not earlier and not queued:
+        return
+    if queued:
+        what = f"candidate {queued[0]['id']} ({queued[0]['description']!r}) is queued"
+    else:
+        e = earlier[-1]
+        val = f"val_bpb {e['val_bpb']:.6f}, " if isinstance(e.get("val_bpb"), float) else ""
+        what = f"commit {short(e['commit'])} ran it ({val}{e['verdict']}: {e['description']!r})"
+    raise Refusal(f"this exact train.py was already run or queued: {what}.\n"
+                  "  Edit train.py to try something new, or pass --rerun to add a run to its pool on purpose.")
+
+
+def throughput(rec):
+    """'33 steps, 2,345 tok/s, start-up 4 s' from a record, with the noise runs' tok/s for comparison."""
+    steps, tps, start = rec.get("steps"), rec.get("tok_per_sec"), rec.get("startup_seconds")
+    text = f"{steps if steps is not None else '-'} steps, {f'{tps:,.0f}' if tps else '-'} tok/s"
+    if start is not None:
+        text += f", start-up {start:.0f} s"
+    if rec.get("noise_tok_per_sec") and tps:
+        text += f" (noise runs: {rec['noise_tok_per_sec']:,.0f} tok/s, {tps / rec['noise_tok_per_sec'] - 1:+.0%})"
+    return text
+
+
+def verdict_lines(rec, tail=(), log_name=runner.LOG_FILE, root=None):
+    """The verdict block, as `run` and `wait` print it: the log tail of a failed run first."""
+    lines = [f"--- last lines of {log_name} ---", *tail] if tail else []
+    val = gate.run_value(rec)
+    runs = f" (mean of {rec['seeds_used']} runs)" if rec.get("seeds_used", 1) > 1 else ""
+    best = rec.get("best_before")
+    best_runs = f", mean of {rec['best_runs']} runs" if (rec.get("best_runs") or 1) > 1 else ""
+    hw = rec.get("hardware") or {}
+    where = f"ran on {hw.get('host', '?')} {hw.get('gpu') or ''}".rstrip()
+    if rec.get("log"):
+        where += f"; log {os.path.relpath(rec['log'], root) if root else rec['log']}"
+    lines += [f"--- {rec['candidate']}: {rec['description']!r}" if rec.get("candidate") else "---",
+              f"verdict:      {rec['verdict']}", f"reason:       {rec['reason']}",
+              f"val_bpb:      {val:.6f}{runs}" if isinstance(val, float) and rec["verdict"] in ("keep", "discard")
+              else "val_bpb:      -",
+              f"best_before:  {best:.6f} ({short(rec.get('best_commit'))}{best_runs})" if isinstance(best, float)
+              else "best_before:  - (baseline)",
+              f"throughput:   {throughput(rec)}",
+              f"commit:       {short(rec['commit'])} ({rec['git']})",
+              f"wall_seconds: {rec['harness_seconds']:.1f} (harness overhead {rec['overhead_seconds']:.2f}); {where}"]
+    lines += [f"warning:      {w}" for w in rec.get("warnings") or ()]
+    return lines
 
 
 # ---------------------------------------------------------------------------
@@ -128,103 +230,78 @@ def run_experiment(opts):
     t0 = time.monotonic()
     with Session(f"run: {opts.description}", allow_train_changes=True) as s:
         root = s.root
-        best_rec, best = gate.best_kept(s.records, s.in_history)
-        kept_list = gate.kept(s.records, s.in_history)
-        kept_commit = kept_list[-1]["commit"] if kept_list else None
-        m, m_how = gate.margin(s.noise, opts.margin)
-
         chash = gitops.content_hash(root)
-        earlier = [r for r in gate.experiments(s.records) if r["content_hash"] == chash
-                   and r["verdict"] != "interrupted"]
-        if earlier and not opts.rerun:
-            e = earlier[-1]
-            val = f"val_bpb {e['val_bpb']:.6f}, " if isinstance(e.get("val_bpb"), float) else ""
-            raise Refusal(f"this exact train.py was already run: commit {short(e['commit'])} ({val}{e['verdict']}: "
-                          f"{e['description']!r}).\n  Edit train.py to try something new, or pass --rerun to run it "
-                          "again on purpose.")
+        j = Judgement(s.records, s.noise, opts, s.in_history, chash)
+        if not opts.rerun:
+            refuse_if_already_run(s.records, chash)
+        j.check_settings(planned_settings(opts), s.branch)
+        seeds = j.seeds()
 
         base = gitops.head(root)
         committed = gitops.train_changed(root)
         candidate = gitops.commit_train(root, opts.description) if committed else base
-        exp_id = len(gate.experiments(s.records)) + 1
-        say(f"experiment #{exp_id} on {s.branch}: commit {short(candidate)} {opts.description!r}",
-            f"  best so far: " + (f"{best:.6f} ({short(best_rec['commit'])})" if best_rec else "none (this run is the baseline)")
-            + f", margin {m:.4f} [{m_how}], timeout {opts.hard_timeout():.0f} s, log in {runner.LOG_FILE}")
+        say(f"experiment #{j.exp_id} on {s.branch}: commit {short(candidate)} {opts.description!r}, seed {seeds[0]}",
+            "  best so far: " + (f"{j.best:.6f} ({short(j.best_rec['commit'])}, mean of {j.n_best} run{'s' * (j.n_best != 1)})"
+                                 if j.best_rec else "none (this run is the baseline)")
+            + f", margin {j.margin:.4f} [{j.margin_how}], timeout {opts.hard_timeout():.0f} s, log in {runner.LOG_FILE}")
 
         with StopSignals() as stop:
             started = now_iso()
-            result = s.run_once(opts, opts.seed, stop, "train.py")
-            failure = result.failure()
-            seeds_used, values, confirms = 1, [], []
-            if failure:
-                verdict, reason = ("interrupted" if result.signal_name else "crash"), failure
-            else:
-                values.append(result.val_bpb)
-                verdict, reason = gate.first_look(result.val_bpb, best, m, opts.simpler, opts.confirm)
-            if verdict == "borderline":
+            result = s.run_once(opts, seeds[0], stop, "train.py")
+            outcomes, confirms = [(seeds[0], outcome(result))], []
+            verdict, reason, values, more = j.decide(outcomes, run_settings(result, opts))
+            if verdict == "confirm":
                 say(f"borderline (val_bpb {result.val_bpb:.6f}): confirming with {opts.confirm} more seed(s)")
-                for k in range(1, opts.confirm + 1):
-                    seed = opts.seed + k
-                    c_started = now_iso()
-                    c = s.run_once(opts, seed, stop, f"confirm {k}/{opts.confirm}")
-                    c_fail = c.failure()
-                    confirms.append(s.record("confirm", opts, c, seed, candidate, chash, c_started,
-                                             verdict=("interrupted" if c.signal_name else "crash") if c_fail else "confirm",
-                                             reason=c_fail or "confirmation seed", exp=exp_id))
-                    if c_fail:
-                        verdict = "interrupted" if c.signal_name else "crash"
-                        reason = f"confirmation seed {seed}: {c_fail}"
-                        result = c if c.signal_name else result
-                        break
-                    values.append(c.val_bpb)
-                else:
-                    seeds_used = len(values)
-                    verdict, reason = gate.judge_mean(statistics.fmean(values), seeds_used, best, m)
+            for k, seed in enumerate(seeds[1:], 1):
+                if verdict != "confirm" or result.signal_name:
+                    break
+                c_started = now_iso()
+                c = s.run_once(opts, seed, stop, f"confirm {k}/{opts.confirm}")
+                c_fail = c.failure()
+                confirms.append(s.record("confirm", opts, c, seed, candidate, chash, c_started,
+                                         verdict=("interrupted" if c.signal_name else "crash") if c_fail else "confirm",
+                                         reason=c_fail or "confirmation seed", exp=j.exp_id))
+                outcomes.append((seed, outcome(c)))
+                verdict, reason, values, more = j.decide(outcomes)
+                if c.signal_name:
+                    result = c  # the interrupted run is the one to show
+            if result.signal_name:
+                verdict = "interrupted"
 
-            # git first: a kept candidate stays; anything else gives train.py back to the kept commit
-            git_action = "kept" if verdict == "keep" else "none"
+            # git first: a kept candidate stays; anything else gives train.py back to the kept commit, except an
+            # edit made to train.py while the run was going: the newer file stays in the working tree
+            git_action = f"{short(candidate)} is the new kept commit" if verdict == "keep" else "train.py left as it was"
+            if verdict == "keep" and j.measure_only:
+                git_action = f"{short(candidate)} stays the kept commit, with one more run in its pool"
             if verdict == "interrupted":
-                git_action = "train.py left as it was"
                 if committed and gitops.undo_commit(root, candidate, base):
                     git_action = "candidate commit undone, your edited train.py left in the working tree"
-            elif verdict in ("discard", "crash") and kept_commit:
-                git_action = gitops.revert_train(root, kept_commit, f"autoresearch: revert train.py to {short(kept_commit)}")
+                git_action += "; run it again when ready"
+            elif verdict in ("discard", "crash") and j.kept_commit:
+                newer = gitops.read_train(root) if gitops.content_hash(root) not in (chash, None) else None
+                how = gitops.revert_train(root, j.kept_commit, f"autoresearch: revert train.py to {short(j.kept_commit)}")
+                git_action = f"train.py reverted to kept commit {short(j.kept_commit)} ({how})"
+                if newer is not None:
+                    gitops.write_train(root, newer)
+                    git_action += ("; train.py was edited during the run: your newer version is left in the working "
+                                   "tree, not run yet")
+            elif verdict == "crash":
+                git_action = (f"baseline crashed; train.py left as committed in {short(candidate)}, "
+                              "fix it and run again")
 
-            rec = s.record("run", opts, result, opts.seed, candidate, chash, started, exp=exp_id,
-                           verdict=verdict, reason=reason, kept_commit=kept_commit, best_before=best, margin=m,
-                           margin_how=m_how, noise_std=(s.noise or {}).get("std"), seeds_used=seeds_used,
-                           val_bpb_mean=statistics.fmean(values) if values else None, git=git_action,
-                           simpler=opts.simpler, rerun=opts.rerun)
+            rec = j.record(s.branch, result, candidate, started, verdict, reason, values, git_action, seed=seeds[0])
             child = result.child_seconds + sum(c["wall_seconds"] for c in confirms)
             rec["harness_seconds"] = round(time.monotonic() - t0, 3)
             rec["overhead_seconds"] = round(rec["harness_seconds"] - child, 3)
             for c in confirms:
                 ledger.append_record(root, c)
             ledger.append_record(root, rec)
-            ledger.append_result(root, rec)
+            ledger.write_results(root)
 
-        report_verdict(rec, best, best_rec, result, kept_commit)
+        say(*verdict_lines(rec, tail=result.tail if verdict in ("crash", "interrupted") else ()))
         if verdict == "interrupted":
             return EXIT_SIGNAL.get(stop.name, 130)
         return EXIT_CRASH if verdict == "crash" else EXIT_OK
-
-
-def report_verdict(rec, best, best_rec, result, kept_commit):
-    verdict = rec["verdict"]
-    if verdict in ("crash", "interrupted"):
-        show_failure(result)
-    val = rec["val_bpb_mean"] if rec.get("val_bpb_mean") is not None else rec.get("val_bpb")
-    where = {"keep": f"{short(rec['commit'])} is the new kept commit",
-             "discard": f"train.py reverted to kept commit {short(kept_commit)}",
-             "crash": (f"train.py reverted to kept commit {short(kept_commit)}" if kept_commit else
-                       f"baseline crashed; train.py left as committed in {short(rec['commit'])}, fix it and run again"),
-             "interrupted": f"{rec['git']}; run it again when ready"}[verdict]
-    lines = ["---", f"verdict:      {verdict}", f"reason:       {rec['reason']}",
-             f"val_bpb:      {val:.6f}" if isinstance(val, float) else "val_bpb:      -",
-             f"best_before:  {best:.6f} ({short(best_rec['commit'])})" if best_rec else "best_before:  - (baseline)",
-             f"commit:       {short(rec['commit'])} ({where})",
-             f"wall_seconds: {rec['harness_seconds']:.1f} (harness overhead {rec['overhead_seconds']:.2f})"]
-    say(*lines)
 
 
 # ---------------------------------------------------------------------------
@@ -237,7 +314,9 @@ def run_noise(opts):
             raise Refusal("train.py has uncommitted changes; noise is measured on a committed train.py. "
                           "Run the change as an experiment first (autoresearch run -m ...), or revert it.")
         commit, chash = gitops.head(root), gitops.content_hash(root)
-        seeds = [opts.seed + k for k in range(1, opts.runs + 1)]
+        j = Judgement(s.records, s.noise, opts, s.in_history, chash)
+        j.check_settings(planned_settings(opts), s.branch)
+        seeds = j.seeds(n=opts.runs)
         say(f"noise: running {short(commit)} {opts.runs} times (seeds {', '.join(map(str, seeds))}), "
             f"timeout {opts.hard_timeout():.0f} s each")
         with StopSignals() as stop:
@@ -246,27 +325,39 @@ def run_noise(opts):
                 result = s.run_once(opts, seed, stop, f"noise {k}/{opts.runs}")
                 failure = result.failure()
                 verdict = ("interrupted" if result.signal_name else "crash") if failure else "noise"
-                ledger.append_record(root, s.record("noise", opts, result, seed, commit, chash, started,
-                                                    verdict=verdict, reason=failure or "noise run"))
+                rec = s.record("noise", opts, result, seed, commit, chash, started, verdict=verdict,
+                               reason=failure or "noise run")
+                if not failure and gate.settings_differ(rec["settings"], j.reference):
+                    rec["comparable"] = False
+                    failure = f"not comparable with the best kept run ({'; '.join(gate.settings_differ(rec['settings'], j.reference))})"
+                ledger.append_record(root, rec)
                 if failure:
-                    show_failure(result)
+                    say(f"--- last lines of {runner.LOG_FILE} ---", *result.tail, "---")
                     say(f"noise run {k} failed: {failure}. No noise estimate written.")
                     return EXIT_SIGNAL.get(stop.name, 130) if result.signal_name else EXIT_CRASH
-                say(f"  seed {seed}: val_bpb {result.val_bpb:.6f} ({result.child_seconds:.0f} s)")
+                say(f"  seed {seed}: val_bpb {result.val_bpb:.6f} ({throughput(rec)}, {result.child_seconds:.0f} s)")
 
         # every valid run of this exact train.py counts, one per seed (the experiment's own run included)
         records = gate.branch_records(ledger.read_ledger(root), s.branch)
-        by_seed = {r["seed"]: r["val_bpb"] for r in records if r.get("content_hash") == chash and gate.valid_value(r)}
-        values = list(by_seed.values())
+        runs = {r["seed"]: r for r in records if r.get("content_hash") == chash and gate.valid_value(r)}
+        values = gate.pool(records, chash)
         std = gate.noise_estimate(values)
         if std is None:
             say("only one valid run of this train.py so far: run noise with -n 2 or more.")
             return EXIT_CRASH
-        estimate = {"commit": commit, "content_hash": chash, "seeds": list(by_seed), "val_bpb": values,
+        speeds = [r["tok_per_sec"] for r in runs.values() if r.get("tok_per_sec")]
+        steps = [r["steps"] for r in runs.values() if r.get("steps") is not None]
+        estimate = {"commit": commit, "content_hash": chash, "seeds": sorted(runs), "val_bpb": values,
                     "mean": statistics.fmean(values), "std": std, "time": now_iso(), "budget": opts.budget,
-                    "hardware": runner.hardware()}
+                    "hardware": runner.hardware(), "tok_per_sec": statistics.fmean(speeds) if speeds else None,
+                    "steps": statistics.fmean(steps) if steps else None}
         ledger.write_noise(root, s.branch, estimate)
+        ledger.write_results(root)  # the kept rows show the pooled means, now with these runs
         m, how = gate.margin(estimate)
         say("---", f"noise_std:    {std:.6f} over {len(values)} runs", f"mean:         {estimate['mean']:.6f}",
-            f"range:        {min(values):.6f} .. {max(values):.6f}", f"margin:       {m:.6f} ({how})")
+            f"range:        {min(values):.6f} .. {max(values):.6f}", f"margin:       {m:.6f} ({how})",
+            "throughput:   " + (f"{estimate['steps']:.0f} steps, {estimate['tok_per_sec']:,.0f} tok/s a run"
+                                if speeds and steps else "-"),
+            f"when:         verdicts warn when a run's tok/s differs from these runs' by more than "
+            f"{TOK_PER_SEC_TOLERANCE:.0%}; then {NOISE_AGAIN}")
         return EXIT_OK

@@ -1,27 +1,34 @@
 """
 The keep gate: is a candidate's val_bpb better than the best kept result by more than run-to-run noise?
 
+Every number is a mean over a pool: all valid runs of one train.py content (by content hash, one per seed) with
+the same settings (budget, corpus, evaluation size, device). Runs of different settings are never compared.
+
 margin  = max(NOISE_MULT * noise_std, MARGIN_FLOOR) once `autoresearch noise` has measured noise_std on this
-          branch, DEFAULT_MARGIN before that (or a fixed --margin).
-gain    = best - val_bpb    (best = lowest reference value among kept commits; a commit's reference value is
-                             the mean of all its successful runs, so noise/confirmation runs sharpen it)
-keep    if gain > 2 * margin                      clear win
-confirm if margin < gain <= 2 * margin            borderline: re-run with CONFIRM_SEEDS more seeds and keep
-                                                  only if the mean of all n seeds still gains more than
-                                                  margin * sqrt((1 + 1/n) / 2)  (the difference of a mean of
-                                                  n runs and one run has that much less noise than two runs)
-discard otherwise. With --simpler (a change that removes code) the bar is only "not worse by more than margin".
-The first successful run on a branch is the baseline and is always kept.
+          branch, DEFAULT_MARGIN before that (or a fixed --margin): the bar for one run against one run.
+bar     = margin * sqrt((1/n + 1/n_best) / 2)   for a mean of n runs against a mean of n_best runs (the difference
+          of two means has that much less noise than the difference of two single runs)
+gain    = best - mean       (best = lowest pooled mean among kept commits still in the branch's history)
+keep    if gain > 2 * bar                         clear win
+confirm if bar < gain <= 2 * bar                  borderline: CONFIRM_SEEDS more seeds join the pool, and the
+                                                  pooled mean must still gain more than the bar for its new n
+discard otherwise. With --simpler (a change that removes code) the bar is only "not worse by more than bar".
+The first successful run on a branch is the baseline and is always kept. Running a kept train.py again (--rerun)
+only adds a run to its pool.
 """
 
 import math
 import statistics
 
+from autoresearch.common import CONFIRM_SEEDS
+
 DEFAULT_MARGIN = 0.005   # used until `autoresearch noise` has run: a guess, measure it
 NOISE_MULT = 2.0         # two noise standard deviations: a no-op change passes by luck only ~8% of the time
 MARGIN_FLOOR = 0.001     # never trust gains below this, however quiet the hardware looks
-CONFIRM_SEEDS = 2        # extra seeds for a borderline candidate (0: never confirm)
 OK_VERDICTS = ("keep", "discard", "noise")  # runs whose val_bpb is a valid measurement
+# what must be equal for two runs to be compared: eval_request is AUTORESEARCH_EVAL_TOKENS as set (or "default"),
+# known before a run; eval_tokens what the run says it evaluated
+SETTINGS = ("budget", "corpus", "eval_request", "eval_tokens", "device")
 
 
 def branch_records(ledger, branch):
@@ -34,13 +41,52 @@ def experiments(records):
 
 def valid_value(record):
     v = record.get("val_bpb")
-    return isinstance(v, (int, float)) and math.isfinite(v) and record.get("verdict") in OK_VERDICTS + ("confirm",)
+    return (isinstance(v, (int, float)) and math.isfinite(v) and record.get("verdict") in OK_VERDICTS + ("confirm",)
+            and record.get("comparable", True))
+
+
+def run_value(record):
+    """The val_bpb an experiment record stands for: the mean of its pool if it has one, else its single run."""
+    v = record.get("val_bpb_mean")
+    return v if v is not None else record.get("val_bpb")
+
+
+def already_run(records, content_hash):
+    """Earlier experiments of this exact train.py (interrupted ones don't count: they never finished)."""
+    return [r for r in experiments(records) if r.get("content_hash") == content_hash and r["verdict"] != "interrupted"]
+
+
+def pool(records, content_hash):
+    """Every valid run of this exact train.py (any kind), one value per seed (the latest), in seed order."""
+    by_seed = {r.get("seed"): r["val_bpb"] for r in records if r.get("content_hash") == content_hash and valid_value(r)}
+    return [by_seed[s] for s in sorted(by_seed, key=lambda s: (s is None, s or 0))]
 
 
 def reference_value(records, content_hash):
-    """Mean val_bpb over every valid run of this exact train.py (any seed, any kind)."""
-    vals = [r["val_bpb"] for r in records if r.get("content_hash") == content_hash and valid_value(r)]
+    """Mean val_bpb of the pool of this exact train.py, or None."""
+    vals = pool(records, content_hash)
     return statistics.fmean(vals) if vals else None
+
+
+def shown_value(records, record):
+    """The one number every view prints for an experiment: a kept train.py's current pooled mean (later runs of it
+    sharpen it), else the mean the verdict rested on."""
+    if record.get("verdict") == "keep":
+        value = reference_value(records, record.get("content_hash"))
+        if value is not None:
+            return value
+    return run_value(record)
+
+
+def free_seeds(records, content_hash, start, n):
+    """n seeds from `start` up that this train.py has not run with yet, so a pool never counts one seed twice."""
+    used = {r.get("seed") for r in records if r.get("content_hash") == content_hash and r.get("verdict") != "interrupted"}
+    seeds, s = [], start
+    while len(seeds) < n:
+        if s not in used:
+            seeds.append(s)
+        s += 1
+    return seeds
 
 
 def kept(records, in_history=lambda commit: True):
@@ -49,13 +95,20 @@ def kept(records, in_history=lambda commit: True):
 
 
 def best_kept(records, in_history=lambda commit: True):
-    """(record, reference value) of the best kept commit, or (None, None) before the baseline."""
+    """(record, pooled mean) of the best kept commit, or (None, None) before the baseline."""
     best = None
     for r in kept(records, in_history):
         value = reference_value(records, r["content_hash"])
         if value is not None and (best is None or value < best[1]):
             best = (r, value)
     return best or (None, None)
+
+
+def settings_differ(a, b):
+    """The settings in which two runs differ ('budget 40 vs 20'), skipping any that either does not know."""
+    a, b = a or {}, b or {}
+    return [f"{k} {a[k]} vs {b[k]}" for k in SETTINGS if a.get(k) is not None and b.get(k) is not None
+            and a[k] != b[k]]
 
 
 def margin(noise=None, override=None):
@@ -68,43 +121,63 @@ def margin(noise=None, override=None):
     return DEFAULT_MARGIN, f"default {DEFAULT_MARGIN:g}; run `autoresearch noise` to measure it"
 
 
-def judge(val, best, m, simpler=False):
-    """First look at one run: ('keep' | 'discard' | 'borderline', reason)."""
+def bar(m, n=1, n_best=1):
+    """The margin for a mean of n runs against a mean of n_best runs (m itself for one run against one)."""
+    return m * math.sqrt((1 / n + 1 / n_best) / 2)
+
+
+def judge(val, best, m, simpler=False, n=1, n_best=1):
+    """First look at a candidate's pooled mean of n runs: ('keep' | 'discard' | 'borderline', reason)."""
     if best is None:
         return "keep", "baseline: first successful run on this branch"
+    b = bar(m, n, n_best)
+    vs = (f"mean of {n} run{'s' * (n != 1)} vs the best's {n_best}, bar {b:.4f}" if (n, n_best) != (1, 1)
+          else f"margin {m:.4f}")
     gain = best - val
     if simpler:
-        if gain >= -m:
-            return "keep", f"simplification: {val:.6f} is within the margin {m:.4f} of best {best:.6f}"
-        return "discard", f"simplification, but {val:.6f} is worse than best {best:.6f} by more than margin {m:.4f}"
-    if gain > 2 * m:
-        return "keep", f"improved by {gain:.4f} (> 2 x margin {m:.4f})"
-    if gain > m:
-        return "borderline", f"improved by {gain:.4f}, between margin {m:.4f} and 2 x margin"
+        if gain >= -b:
+            return "keep", f"simplification: {val:.6f} is within the bar of best {best:.6f} ({vs})"
+        return "discard", f"simplification, but {val:.6f} is worse than best {best:.6f} by more than the bar ({vs})"
+    if gain > 2 * b:
+        return "keep", f"improved by {gain:.4f} (> 2 x bar; {vs})"
+    if gain > b:
+        return "borderline", f"improved by {gain:.4f}, between the bar and 2 x bar ({vs})"
     if gain > 0:
-        return "discard", f"improved by only {gain:.4f}, within the noise margin {m:.4f}"
-    return "discard", f"no improvement: {val:.6f} vs best {best:.6f}"
+        return "discard", f"improved by only {gain:.4f}, within the noise margin ({vs})"
+    return "discard", f"no improvement: {val:.6f} vs best {best:.6f} ({vs})"
 
 
-def first_look(val, best, m, simpler=False, confirm=CONFIRM_SEEDS):
-    """judge(), where a borderline result is kept outright if no confirmation seeds are wanted (confirm 0)."""
-    verdict, reason = judge(val, best, m, simpler)
-    if verdict == "borderline" and confirm <= 0:
-        return "keep", reason + "; kept without confirmation (--confirm 0)"
-    return verdict, reason
-
-
-def confirm_bar(m, n):
-    return m * math.sqrt((1 + 1 / n) / 2)
-
-
-def judge_mean(mean, n, best, m):
-    """Verdict for a borderline candidate after confirmation with n seeds in all."""
-    bar = confirm_bar(m, n)
+def judge_mean(mean, n, best, m, n_best=1):
+    """Verdict for a borderline candidate after confirmation, its pool now n runs."""
+    b = bar(m, n, n_best)
     gain = best - mean
-    if gain > bar:
-        return "keep", f"confirmed: mean of {n} seeds {mean:.6f} improves by {gain:.4f} (> {bar:.4f})"
-    return "discard", f"not confirmed: mean of {n} seeds {mean:.6f} improves by {gain:.4f} (<= {bar:.4f})"
+    if gain > b:
+        return "keep", f"confirmed: mean of {n} runs {mean:.6f} improves by {gain:.4f} (> bar {b:.4f})"
+    return "discard", f"not confirmed: mean of {n} runs {mean:.6f} improves by {gain:.4f} (<= bar {b:.4f})"
+
+
+def decide(outcomes, best, m, simpler=False, confirm=CONFIRM_SEEDS, prior=(), n_best=1):
+    """The keep decision for one candidate from its runs so far: `outcomes` is [(seed, val_bpb or the reason the run
+    failed)], the first run first, then its confirmation seeds in order; `prior` the valid values of earlier runs of
+    the same train.py (--rerun), which join its pool. Returns (verdict, reason, values, more): verdict keep |
+    discard | crash | confirm (borderline: `more` confirmation seeds still to run), and the pool it rests on."""
+    _, first = outcomes[0]
+    if isinstance(first, str):
+        return "crash", first, [], 0
+    values = [*prior, first]
+    verdict, reason = judge(statistics.fmean(values), best, m, simpler, len(values), n_best)
+    if verdict == "borderline" and confirm <= 0:
+        return "keep", reason + "; kept without confirmation (--confirm 0)", values, 0
+    if verdict != "borderline":
+        return verdict, reason, values, 0
+    for seed, outcome in outcomes[1:1 + confirm]:
+        if isinstance(outcome, str):
+            return "crash", f"confirmation seed {seed}: {outcome}", values, 0
+        values.append(outcome)
+    missing = 1 + confirm - len(outcomes[:1 + confirm])
+    if missing:
+        return "confirm", reason, values, missing
+    return (*judge_mean(statistics.fmean(values), len(values), best, m, n_best), values, 0)
 
 
 def noise_estimate(values):

@@ -8,15 +8,13 @@ import os
 import re
 import subprocess
 
+from autoresearch.common import Refusal, short  # noqa: F401 (short: re-exported for callers of gitops)
+
 TRAIN_FILE = "train.py"
 BRANCH_PATTERN = re.compile(r"^autoresearch/[A-Za-z0-9._-]+$")
 # used only when the repository has no identity configured, so a fresh clone still works
 FALLBACK_IDENTITY = {"GIT_AUTHOR_NAME": "autoresearch", "GIT_AUTHOR_EMAIL": "autoresearch@localhost",
                      "GIT_COMMITTER_NAME": "autoresearch", "GIT_COMMITTER_EMAIL": "autoresearch@localhost"}
-
-
-class Refusal(Exception):
-    """A reason not to start; printed as is, nothing has been changed."""
 
 
 def git(root, *args, check=True, env=None, strip=True):
@@ -41,10 +39,6 @@ def current_branch(root):
 
 def head(root):
     return git(root, "rev-parse", "--verify", "--quiet", "HEAD", check=False) or None
-
-
-def short(commit):
-    return commit[:7] if commit else "-"
 
 
 def check_branch(root):
@@ -98,8 +92,22 @@ def train_changed(root):
 
 
 def content_hash(root):
+    """A short hash of train.py's bytes, or None if there is no train.py."""
+    try:
+        with open(os.path.join(root, TRAIN_FILE), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except FileNotFoundError:
+        return None
+
+
+def read_train(root):
     with open(os.path.join(root, TRAIN_FILE), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+        return f.read()
+
+
+def write_train(root, data):
+    with open(os.path.join(root, TRAIN_FILE), "wb") as f:
+        f.write(data)
 
 
 def has_identity(root):

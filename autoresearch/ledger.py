@@ -3,7 +3,7 @@ Where results live.
 
 - .autoresearch/ledger.jsonl: every train.py process the harness ever ran, one JSON object a line, append-only
   and fsync'ed. The source of truth.
-- results.tsv: one row per experiment, the short view the agent reads (rebuildable from the ledger).
+- results.tsv: one row per experiment, the short view the agent reads, rewritten from the ledger after each one.
 - .autoresearch/noise.json: the latest noise estimate per branch, replaced atomically.
 """
 
@@ -11,6 +11,8 @@ import json
 import math
 import os
 import tempfile
+
+from autoresearch import gate
 
 STATE_DIR = ".autoresearch"
 LEDGER_FILE = "ledger.jsonl"
@@ -135,28 +137,29 @@ def read_results(root):
     return rows
 
 
-def results_row(record):
-    """The results.tsv row of one experiment record. Crashes show 0.000000, as the agent expects."""
-    val = record.get("val_bpb_mean", record.get("val_bpb"))
+def results_row(record, records):
+    """The results.tsv row of one experiment record (`records`: its branch's, for the pooled means). Crashes show
+    0.000000, as the agent expects; a kept row shows its train.py's pooled mean, the number the gate uses."""
+    val = gate.shown_value(records, record)
     val = val if isinstance(val, (int, float)) and math.isfinite(val) and record["verdict"] in ("keep", "discard") else 0.0
     mem = (record.get("metrics") or {}).get("peak_vram_mb")
     mem_gb = mem / 1024 if isinstance(mem, (int, float)) and math.isfinite(mem) and val else 0.0
     desc = " ".join(str(record.get("description", "")).split())  # no tabs or newlines in a TSV cell
-    if record.get("seeds_used", 1) > 1 and record["verdict"] in ("keep", "discard"):
-        desc += f" [mean of {record['seeds_used']} seeds]"
+    runs = len(gate.pool(records, record.get("content_hash"))) if record["verdict"] == "keep" else record.get("seeds_used", 1)
+    if runs > 1 and record["verdict"] in ("keep", "discard"):
+        desc += f" [mean of {runs} runs]"
     return [record["commit"][:7], f"{val:.6f}", f"{mem_gb:.1f}", record["verdict"], desc]
 
 
-def append_result(root, record):
-    path = os.path.join(root, RESULTS_FILE)
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        write_atomic(path, "\t".join(RESULTS_HEADER) + "\n")
-    append_line(path, "\t".join(results_row(record)))
-
-
-def rebuild_results(root):
+def write_results(root):
+    """Rewrite results.tsv from the ledger (all branches, in run order): one row per experiment, the same numbers
+    as `status` and `plot`. A view: the ledger is the truth."""
+    records = read_ledger(root)
+    by_branch = {}
+    for r in records:
+        by_branch.setdefault(r.get("branch"), []).append(r)
     rows = ["\t".join(RESULTS_HEADER)]
-    rows += ["\t".join(results_row(r)) for r in read_ledger(root) if r["kind"] == "run"]
+    rows += ["\t".join(results_row(r, by_branch[r.get("branch")])) for r in records if r["kind"] == "run"]
     write_atomic(os.path.join(root, RESULTS_FILE), "\n".join(rows) + "\n")
     return len(rows) - 1
 

@@ -1,7 +1,8 @@
 """
 One experiment at a time per repository: an flock on .autoresearch/lock. The kernel drops it when the holder
 dies, so there are no stale locks to clean up. train.py inherits the descriptor, so a training process left
-behind by a killed harness still holds the lock and no second run can start on top of it.
+behind by a killed harness still holds the lock and no second run can start on top of it. `holder_info` says who
+holds it (the parallel-mode coordinator holds it while it serves).
 """
 
 import fcntl
@@ -9,8 +10,8 @@ import json
 import os
 import time
 
-from autoresearch.gitops import Refusal
-from autoresearch.ledger import state_dir
+from autoresearch.common import Refusal
+from autoresearch.ledger import STATE_DIR, state_dir
 
 LOCK_FILE = "lock"
 
@@ -52,3 +53,21 @@ class RepoLock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
+
+
+def holder_info(root):
+    """The lock holder's note ({'pid', 'what', ...}) if any autoresearch command holds the repository, else None."""
+    try:
+        with RepoLock(root, "probe"):
+            return None
+    except Refusal:
+        try:
+            with open(os.path.join(root, STATE_DIR, LOCK_FILE)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {"what": "unknown"}
+
+
+def is_serve(info):
+    """Is this lock holder the parallel-mode coordinator (`autoresearch serve`)?"""
+    return bool(info) and str(info.get("what", "")).startswith("serve")

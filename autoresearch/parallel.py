@@ -10,11 +10,10 @@ import os
 import signal
 import time
 
-from autoresearch import candidates, gate, gitops, ledger, serve
+from autoresearch import candidates, experiment, gate, gitops, ledger, serve
 from autoresearch.candidates import CANDIDATE_REF, Queue, append_event
-from autoresearch.experiment import EXIT_OK, EXIT_SIGNAL, say
-from autoresearch.gitops import Refusal, short
-from autoresearch.lock import LOCK_FILE, RepoLock
+from autoresearch.common import EXIT_OK, EXIT_SIGNAL, Refusal, install_hint, say, short
+from autoresearch.lock import holder_info as serve_info, is_serve
 
 REPORTED_FILE = "reported.json"  # candidates whose verdict `wait` has printed
 TAIL_LINES = 15
@@ -23,24 +22,7 @@ WAIT_POLL = 1.0
 
 def need_ray():
     if importlib.util.find_spec("ray") is None:
-        raise Refusal(serve.install_hint())
-
-
-def serve_info(root):
-    """The lock holder's note ({'pid', 'what', ...}) if any autoresearch command holds the repository, else None."""
-    try:
-        with RepoLock(root, "probe"):
-            return None
-    except Refusal:
-        try:
-            with open(os.path.join(root, ledger.STATE_DIR, LOCK_FILE)) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {"what": "unknown"}
-
-
-def is_serve(info):
-    return bool(info) and str(info.get("what", "")).startswith("serve")
+        raise Refusal(install_hint())
 
 
 def ensure_serving(root, address=None, workers=None, idle=None):
@@ -75,15 +57,13 @@ def submit(opts, address=None, workers=None, idle=None):
         q, records = Queue(root), ledger.read_ledger(root)
         chash = gitops.content_hash(root)
         if not opts.rerun:
-            runs = [r for r in gate.experiments(gate.branch_records(records, branch))
-                    if r["content_hash"] == chash and r["verdict"] != "interrupted"]
             queued = [c for c in q.pending(candidates.finished_ids(records))
                       if c["branch"] == branch and c["content_hash"] == chash]
-            if runs or queued:
-                what = (f"candidate {queued[0]['id']} ({queued[0]['description']!r}) is queued" if queued else
-                        f"commit {short(runs[-1]['commit'])} ran it ({runs[-1]['verdict']}: {runs[-1]['description']!r})")
-                raise Refusal(f"this exact train.py was already submitted or run: {what}.\n"
-                              "  Edit train.py to try something new, or pass --rerun to run it again on purpose.")
+            experiment.refuse_if_already_run(gate.branch_records(records, branch), chash, queued)
+        j = experiment.Judgement(gate.branch_records(records, branch), ledger.read_noise(root, branch), opts,
+                                 lambda commit: gitops.is_ancestor(root, commit, "HEAD"), chash)
+        j.check_settings(experiment.planned_settings(opts, here=False), branch)  # the device is checked after the run
+        opts.seed = j.seeds(n=1)[0]
         tip = gitops.head(root)
         blob = gitops.write_train_blob(root)
         commit = tip if blob == gitops.blob_at(root, tip) else gitops.commit_blob_on(root, tip, blob, opts.description)
@@ -112,22 +92,11 @@ def read_reported(root):
 
 
 def show_verdict(root, r):
-    val = r["val_bpb_mean"] if r.get("val_bpb_mean") is not None else r.get("val_bpb")
-    seeds = f" (mean of {r['seeds_used']} seeds)" if r.get("seeds_used", 1) > 1 else ""
-    best = r.get("best_before")
-    hw = r.get("hardware") or {}
-    lines = [f"--- {r['candidate']}: {r['description']!r}", f"verdict:      {r['verdict']}",
-             f"reason:       {r['reason']}",
-             f"val_bpb:      {val:.6f}{seeds}" if isinstance(val, float) and r["verdict"] != "crash" else "val_bpb:      -",
-             f"best_before:  {best:.6f}" if isinstance(best, float) else "best_before:  - (baseline)",
-             f"commit:       {short(r['commit'])} ({r['git']})",
-             f"ran on:       {hw.get('host', '?')} {hw.get('gpu') or ''}".rstrip()
-             + f", {r['wall_seconds']:.0f} s; log {os.path.relpath(r['log'], root) if r.get('log') else '-'}"]
+    tail = []
     if r["verdict"] == "crash" and r.get("log") and os.path.exists(r["log"]):
         with open(r["log"]) as f:
             tail = [line for line in f.read().replace("\r", "\n").split("\n") if line.strip()][-TAIL_LINES:]
-        lines += ["  | " + line for line in tail]
-    say(*lines)
+    say(*experiment.verdict_lines(r, tail, os.path.relpath(r["log"], root) if r.get("log") else "", root))
 
 
 def sync_train(root):

@@ -1,6 +1,8 @@
 """
-`autoresearch plot`: progress.png. Every experiment's val_bpb in order; kept ones on the running-best step
-line with short labels, discarded ones faint, crashes as red crosses along the top edge.
+`autoresearch plot`: progress.png. Every experiment's val_bpb at its experiment number (the ledger's, as in
+`status`); kept ones on the running-best step line with short labels, discarded ones faint, crashes as red
+crosses along the top edge, and the keep margin in force when each experiment was judged. The values are the
+ones results.tsv and status show (pooled means, gate.shown_value).
 """
 
 import math
@@ -19,24 +21,30 @@ FIGSIZE = (12, 6)
 DPI = 120
 
 
-def _value(r):
-    v = r.get("val_bpb_mean") if r.get("val_bpb_mean") is not None else r.get("val_bpb")
-    return v if isinstance(v, (int, float)) and math.isfinite(v) and r["verdict"] in ("keep", "discard") else None
+def series(records, margin=None):
+    """What the plot draws: (experiment number, value[, record]) of kept and discarded experiments, the crashes'
+    numbers, and the margin in force at each experiment (the record's, else `margin`)."""
+    exps = [r for r in gate.experiments(records) if r["verdict"] != "interrupted"]
+    xs = [r.get("exp") or i for i, r in enumerate(exps, 1)]
+    vals = [gate.shown_value(records, r) if r["verdict"] in ("keep", "discard") else None for r in exps]
+    vals = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in vals]
+    return {"exps": exps, "xs": xs, "vals": vals,
+            "kept": [(x, v, r) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "keep"],
+            "discarded": [(x, v) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "discard"],
+            "crash": [x for x, r in zip(xs, exps) if r["verdict"] == "crash"],
+            "margins": [r.get("margin") if isinstance(r.get("margin"), (int, float)) else margin for r in exps]}
 
 
 def make_plot(records, path, title="", margin=None):
-    exps = [r for r in gate.experiments(records) if r["verdict"] != "interrupted"]
-    xs = list(range(1, len(exps) + 1))
-    vals = [_value(r) for r in exps]
-    kept = [(x, v, r) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "keep"]
-    disc = [(x, v) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "discard"]
-    crash = [x for x, r in zip(xs, exps) if r["verdict"] == "crash"]
+    s = series(records, margin)
+    exps, xs, vals, kept, disc, crash, margins = (s[k] for k in ("exps", "xs", "vals", "kept", "discarded", "crash",
+                                                                  "margins"))
 
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     good = [v for v in vals if v is not None]
     # y range from the kept results, so one terrible discard doesn't flatten the interesting part
     if kept:
-        lo = min(good)
+        lo = min(min(good), min(v for _, v, _ in kept) - max([m for m in margins if m] or [0]))  # room for the band
         hi = max(kept[0][1], max(v for _, v, _ in kept))
         span = max(hi - lo, 0.01)
         ylo, yhi = lo - 0.15 * span, hi + 0.6 * span
@@ -56,12 +64,15 @@ def make_plot(records, path, title="", margin=None):
             best = min(best, v)
             steps_x.append(x)
             steps_y.append(best)
-        steps_x.append(xs[-1])
-        steps_y.append(steps_y[-1])
-        ax.step(steps_x, steps_y, where="post", color="tab:green", linewidth=2, label="running best", zorder=3)
-        if margin:
-            ax.fill_between(steps_x, [y - margin for y in steps_y], steps_y, step="post", color="tab:green",
-                            alpha=0.08, label=f"keep margin ({margin:.4f})")
+        ax.step(steps_x + [xs[-1]], steps_y + [steps_y[-1]], where="post", color="tab:green", linewidth=2,
+                label="running best", zorder=3)
+        # the margin a candidate had to beat the best by, as it was when each experiment was judged
+        band_x = [x for x, m in zip(xs, margins) if x >= steps_x[0] and m]
+        band_best = [steps_y[max(i for i, sx in enumerate(steps_x) if sx <= x)] for x in band_x]
+        band_m = [m for x, m in zip(xs, margins) if x >= steps_x[0] and m]
+        if band_x:
+            ax.fill_between(band_x, [b - m for b, m in zip(band_best, band_m)], band_best, step="post",
+                            color="tab:green", alpha=0.08, label=f"keep margin in force (now {band_m[-1]:.4f})")
         ax.scatter([x for x, _, _ in kept], [v for _, v, _ in kept], s=40, color="tab:green", edgecolor="black",
                    label=f"kept ({len(kept)})", zorder=4)
         for x, v, r in kept:
@@ -74,10 +85,12 @@ def make_plot(records, path, title="", margin=None):
                    zorder=4)
 
     ax.set_ylim(ylo, yhi)
-    ax.set_xlim(0.5, max(len(xs), 1) + 1.5)  # room for the last label
+    ax.set_xlim(0.5, max(xs or [1]) + 1.5)  # room for the last label
     ax.set_xlabel("experiment #")
     ax.set_ylabel("val_bpb (lower is better)")
-    ax.set_title(f"{title + ': ' if title else ''}{len(exps)} experiments, {len(kept)} kept, {len(crash)} crashed")
+    n_all = len(gate.experiments(records))
+    ax.set_title(f"{title + ': ' if title else ''}{n_all} experiments = {len(kept)} kept + {len(disc)} discarded + "
+                 f"{len(crash)} crashed + {n_all - len(exps)} interrupted")
     ax.grid(alpha=0.25)
     if exps:
         ax.legend(loc="upper right", fontsize=8)

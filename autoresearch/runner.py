@@ -1,11 +1,14 @@
 """
 Run train.py once: its own process group, a hard wall-clock timeout, the full output in run.log, a short live
-progress line on the terminal, and the `---` summary block parsed at the end.
+progress line on the terminal, and the `---` summary block parsed at the end. Also what the run was: its
+settings (budget, corpus, evaluation size, device), steps, tok/s and start-up time, read from its output.
 """
 
+import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -15,18 +18,13 @@ import time
 from dataclasses import dataclass, field
 
 LOG_FILE = "run.log"
-DEFAULT_BUDGET = 300            # training seconds, same default as train.py
 KILL_GRACE = 5.0                # seconds between SIGTERM and SIGKILL of the process group
 PROGRESS_TTY_EVERY = 0.5        # seconds between live progress updates on a terminal...
 PROGRESS_PIPE_EVERY = 30.0      # ...and when captured by an agent's tool (one line each, no \r spam)
 PROGRESS_WIDTH = 110
 TAIL_LINES = 25                 # log lines shown after a crash
-
-
-def default_timeout(budget):
-    """Budget plus a generous allowance for start-up, compilation and the final evaluation: 300 s -> 600 s.
-    At least 300 s: on a CUDA machine whose kernel cache is cold, MLX compiled for ~175 s before step 1."""
-    return budget + max(300.0, budget)
+DEFAULT_CACHE = os.path.join("~", ".cache", "autoresearch")  # prepare.py's default cache directory
+DECIMAL = r"\d+(?:\.\d+)?"       # numbers read from train.py's own lines (it may print anything: never crash on it)
 
 
 @dataclass
@@ -37,6 +35,7 @@ class RunResult:
     summary: dict = field(default_factory=dict)
     child_seconds: float = 0.0
     tail: list = field(default_factory=list)
+    facts: dict = field(default_factory=dict)    # run_facts(): steps, tok/s, start-up, eval tokens, device, corpus
 
     @property
     def val_bpb(self):
@@ -76,6 +75,57 @@ def parse_summary(text):
         except ValueError:
             summary[key] = value
     return summary
+
+
+def run_facts(text, summary):
+    """What a run reports about itself besides val_bpb. Summary keys win (tok_per_sec, startup_seconds, eval_tokens
+    if train.py prints them); otherwise the lines train.py prints before the summary. Missing ones are None."""
+    def line(pattern):
+        found = re.findall(pattern, text, re.M)
+        return found[-1] if found else None
+
+    def number(key):
+        v = summary.get(key)
+        return v if isinstance(v, float) and math.isfinite(v) else None
+
+    steps, seconds = number("num_steps"), number("training_seconds")
+    tok_per_sec = number("tok_per_sec")
+    batch, untimed = line(r"^Batch: (\d+) tokens per step"), line(r"(\d+) untimed steps")
+    if tok_per_sec is None and steps is not None and seconds:
+        if batch:
+            tok_per_sec = (steps - int(untimed or 0)) * int(batch) / seconds
+        elif number("total_tokens_M") is not None:
+            tok_per_sec = number("total_tokens_M") * 1e6 / seconds
+    startup = number("startup_seconds")
+    if startup is None and line(rf"^Startup: ({DECIMAL})s"):
+        startup = float(line(rf"^Startup: ({DECIMAL})s"))
+    if startup is None and number("total_seconds") is not None and seconds is not None:
+        startup = number("total_seconds") - seconds - float(line(rf"^Eval: ({DECIMAL})s") or 0)
+    eval_tokens = number("eval_tokens") or line(r"^Hardware: .*\beval (\d+) tokens")
+    budget = line(rf"^Time budget: ({DECIMAL})s")
+    return {"steps": int(steps) if steps is not None else None,
+            "tok_per_sec": round(tok_per_sec, 1) if tok_per_sec is not None else None,
+            "startup_seconds": round(startup, 1) if startup is not None else None,
+            "eval_tokens": int(eval_tokens) if eval_tokens is not None else None,
+            "budget": float(budget) if budget else None}
+
+
+def eval_request(env=None):
+    """The evaluation size asked of train.py: AUTORESEARCH_EVAL_TOKENS, or "default" (prepare.py's profile)."""
+    env = os.environ if env is None else env
+    return env.get("AUTORESEARCH_EVAL_TOKENS") or "default"
+
+
+def corpus_identity(env=None):
+    """Which corpus the cache train.py will read holds: prepare.py's data/source.json ({"source": "local",
+    "sha256": ...} or {"source": "climbmix", "url": ...}), or None if there is none."""
+    env = os.environ if env is None else env
+    cache = os.path.expanduser(env.get("AUTORESEARCH_CACHE") or DEFAULT_CACHE)
+    try:
+        with open(os.path.join(cache, "data", "source.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 class _Progress:
@@ -141,6 +191,7 @@ def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, 
     log_path = os.path.join(root, LOG_FILE)
     result = RunResult()
     chunks, last_line = [], [""]
+    corpus = corpus_identity(env)  # read before the run: the cache this run trains on
     log = open(log_path, "wb")
     start = time.monotonic()
     # own session = own process group: the timeout kills train.py and everything it started, and a Ctrl-C on
@@ -195,6 +246,8 @@ def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, 
     result.returncode = proc.returncode
     text = b"".join(chunks).decode(errors="replace")
     result.summary = parse_summary(text)
+    result.facts = {**run_facts(text, result.summary), "corpus": corpus, "device": device_key(hardware()),
+                    "eval_request": eval_request(env)}
     result.tail = [line for line in text.replace("\r", "\n").split("\n") if line.strip()][-TAIL_LINES:]
     return result
 
@@ -211,6 +264,11 @@ def hardware():
         info = {"host": platform.node(), "system": platform.system(), "machine": platform.machine(),
                 "cpu_count": os.cpu_count(), "python": platform.python_version()}
         try:
+            with open("/proc/cpuinfo") as f:
+                info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+        except OSError:
+            pass
+        try:
             from importlib.metadata import version
             info["mlx"] = version("mlx")
         except Exception:
@@ -219,7 +277,7 @@ def hardware():
             try:
                 out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                      capture_output=True, text=True, timeout=10).stdout.strip()
-                info["gpu"] = ", ".join(out.splitlines()) or None
+                info["gpu"] = ", ".join(sorted(set(out.splitlines()))) or None  # the model, not how many
             except (OSError, subprocess.SubprocessError):
                 pass
         elif platform.system() == "Darwin":
@@ -230,3 +288,8 @@ def hardware():
                 pass
         _HARDWARE = info
     return _HARDWARE
+
+
+def device_key(hw):
+    """The kind of device a run trained on, for comparing runs: the GPU model, the Mac's chip, else the CPU."""
+    return hw.get("gpu") or hw.get("chip") or f"{hw.get('cpu') or hw.get('machine')}, {hw.get('cpu_count')} cores"

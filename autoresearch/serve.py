@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -25,21 +24,16 @@ import tempfile
 import time
 
 from autoresearch import candidates, experiment, gate, gitops, ledger, runner
-from autoresearch.candidates import Queue, append_event
-from autoresearch.experiment import Options, StopSignals, now_iso
-from autoresearch.gitops import short
+from autoresearch.candidates import SERVE_FILE, Queue, append_event
+from autoresearch.common import EXIT_OK, Options, Refusal, StopSignals, install_hint, now_iso, short
+from autoresearch.experiment import Judgement, outcome
 from autoresearch.lock import RepoLock
 
-SERVE_FILE = "serve.json"     # who serves, which workers, what they run (for `status`)
 SERVE_LOG = "serve.log"
 LOG_DIR = "logs"              # run.log of every job: logs/<id>-<seed>.log
 IDLE_SECONDS = 300            # stop (and free the GPUs and the lock) after this long with nothing to do
 LOG_KEEP = 1 << 20            # bytes of a job's log sent back from its worker
 POLL = 0.5
-
-
-def install_hint():
-    return "parallel mode needs Ray: `uv sync --extra parallel` (or `pip install ray`)"
 
 
 class Worker:
@@ -162,67 +156,47 @@ class Coordinator:
         tip = gitops.rev(root, ref)
         records = gate.branch_records(ledger.read_ledger(root), branch)
         in_history = (lambda commit: gitops.is_ancestor(root, commit, tip)) if tip else (lambda commit: False)
-        best_rec, best = gate.best_kept(records, in_history)
-        kept_list = gate.kept(records, in_history)
-        m, m_how = gate.margin(ledger.read_noise(root, branch), opts.margin)
+        j = Judgement(records, ledger.read_noise(root, branch), opts, in_history, c["content_hash"])
+        confirm_seeds = c["seeds"][1:] or [s for s in j.seeds() if s != c["seed"]][:opts.confirm]
 
-        first = c["results"].get(c["seed"])
-        if first is None and candidates.exhausted(c, c["seed"]) is None:
-            return None
-        result, confirms, values = run_result(first), [], []
-        failure = candidates.exhausted(c, c["seed"]) or result.failure()
-        if failure:
-            verdict, reason = "crash", failure
-        else:
-            values.append(result.val_bpb)
-            verdict, reason = gate.first_look(result.val_bpb, best, m, opts.simpler, opts.confirm)
-        if verdict == "borderline":
-            extra = [opts.seed + k for k in range(1, opts.confirm + 1)]
-            if len(c["seeds"]) == 1:
-                append_event(root, "confirm", id=c["id"], seeds=extra)
-                log(f"borderline {c['id']} (val_bpb {result.val_bpb:.6f}): confirming with seeds {extra}")
-                self.queue.refresh()
+        outcomes, confirms = [], []
+        for seed in [c["seed"]] + confirm_seeds:
+            event, lost = c["results"].get(seed), candidates.exhausted(c, seed)
+            if event is None and lost is None:
+                if seed not in c["seeds"]:  # borderline: ask for the confirmation seeds, all at once
+                    append_event(root, "confirm", id=c["id"], seeds=confirm_seeds)
+                    log(f"borderline {c['id']}: confirming with seeds {confirm_seeds}")
+                    self.queue.refresh()
                 return None
-            for seed in extra:
-                ev, lost = c["results"].get(seed), candidates.exhausted(c, seed)
-                if ev is None and lost is None:
-                    return None
-                cr = run_result(ev)
-                c_fail = lost or cr.failure()
+            result = run_result(event)
+            outcomes.append((seed, lost or outcome(result)))
+            if seed != c["seed"]:
+                fail = lost or result.failure()
                 confirms.append(experiment.make_record(
-                    "confirm", branch, opts, cr, seed, c["commit"], c["content_hash"], (ev or {}).get("started"),
-                    hardware=(ev or {}).get("hardware"), verdict="crash" if c_fail else "confirm",
-                    reason=c_fail or "confirmation seed", candidate=c["id"]))
-                if c_fail:
-                    verdict, reason = "crash", f"confirmation seed {seed}: {c_fail}"
-                    break
-                values.append(cr.val_bpb)
-            else:
-                verdict, reason = gate.judge_mean(statistics.fmean(values), len(values), best, m)
+                    "confirm", branch, opts, result, seed, c["commit"], c["content_hash"], (event or {}).get("started"),
+                    hardware=(event or {}).get("hardware"), verdict="crash" if fail else "confirm",
+                    reason=fail or "confirmation seed", candidate=c["id"], exp=j.exp_id))
+            verdict, reason, values, _ = j.decide(outcomes, experiment.run_settings(result, opts)
+                                                  if seed == c["seed"] else None)
+            if verdict != "confirm":
+                break
 
         commit, git_action = c["commit"], f"branch unchanged; candidate at {candidates.CANDIDATE_REF}{c['id']}"
         if verdict == "keep":
             commit, git_action = self.keep(c, ref)
-        exp_id = len(gate.experiments(records)) + 1
-        for r in confirms:
-            r["exp"] = exp_id
-        events = [first] + [c["results"].get(s) for s in c["seeds"][1:]]
+        first = c["results"].get(c["seed"])
+        events = [c["results"].get(s) for s in c["seeds"]]
         child = sum(e["result"]["child_seconds"] for e in events if e)
         harness = max(0.0, time.time() - self.start_epoch(c))
-        rec = experiment.make_record(
-            "run", branch, opts, result, opts.seed, commit, c["content_hash"], (first or {}).get("started"),
-            hardware=(first or {}).get("hardware"), exp=exp_id, verdict=verdict, reason=reason,
-            kept_commit=kept_list[-1]["commit"] if kept_list else None, best_before=best, margin=m,
-            margin_how=m_how, noise_std=(ledger.read_noise(root, branch) or {}).get("std"),
-            seeds_used=len(values) if values else 1, val_bpb_mean=statistics.fmean(values) if values else None,
-            git=git_action, simpler=opts.simpler, rerun=opts.rerun, candidate=c["id"], worker=(first or {}).get("worker"),
-            candidate_commit=c["commit"], base=c["base"], submitted=c["time"],
-            log=(first or {}).get("log"), harness_seconds=round(harness, 3),
-            overhead_seconds=round(harness - child, 3))
+        rec = j.record(branch, run_result(first), commit, (first or {}).get("started"), verdict, reason, values,
+                       git_action, hardware=(first or {}).get("hardware"), seed=c["seed"], candidate=c["id"],
+                       worker=(first or {}).get("worker"), candidate_commit=c["commit"], base=c["base"],
+                       submitted=c["time"], log=(first or {}).get("log"), harness_seconds=round(harness, 3),
+                       overhead_seconds=round(harness - child, 3))
         for r in confirms:
             ledger.append_record(root, r)
         ledger.append_record(root, rec)
-        ledger.append_result(root, rec)
+        ledger.write_results(root)
         log(f"verdict {c['id']}: {verdict} ({reason}); {git_action}")
         return rec
 
@@ -299,9 +273,8 @@ def serve(root, address=None, workers=None, idle=IDLE_SECONDS):
         try:
             import ray
         except ImportError:
-            raise gitops.Refusal(install_hint()) from None
-        if len(ledger.read_results(root)) != len(gate.experiments(ledger.read_ledger(root))):
-            ledger.rebuild_results(root)  # stopped between the ledger and results.tsv: the ledger is the truth
+            raise Refusal(install_hint()) from None
+        ledger.write_results(root)  # stopped between the ledger and results.tsv: the ledger is the truth
         local = not (address or os.environ.get("RAY_ADDRESS"))
         kwargs = {"num_cpus": max(os.cpu_count() or 1, workers or 1)} if local else {}
         ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
@@ -318,7 +291,7 @@ def serve(root, address=None, workers=None, idle=IDLE_SECONDS):
             path = os.path.join(root, ledger.STATE_DIR, SERVE_FILE)
             if os.path.exists(path):
                 os.unlink(path)
-    return experiment.EXIT_OK
+    return EXIT_OK
 
 
 def start_background(root, address=None, workers=None, idle=None):

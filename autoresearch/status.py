@@ -2,14 +2,13 @@
 `autoresearch status`: where the branch stands, from the ledger alone (read-only, needs no lock).
 """
 
-import json
 import math
-import os
 import time
 from datetime import datetime
 
-from autoresearch import gate, gitops, ledger
-from autoresearch.gitops import short
+from autoresearch import candidates, gate, gitops, ledger
+from autoresearch.common import short
+from autoresearch.lock import holder_info, is_serve
 
 LAST_RUNS = 10
 CRASH_HINT_AFTER = 3
@@ -23,13 +22,14 @@ def _time(iso):
 
 
 def summarize(records, noise=None, in_history=lambda commit: True):
-    """The numbers status prints, as a dict (tests and other tools use it too)."""
+    """The numbers status prints, as a dict (tests and other tools use it too). The same numbers as the gate,
+    results.tsv and the plot: pooled means (gate.pool) and the ledger's experiment numbers."""
     exps = gate.experiments(records)
     done = [r for r in exps if r["verdict"] != "interrupted"]
     kept = gate.kept(records, in_history)
     best_rec, best = gate.best_kept(records, in_history)
     baseline = kept[0] if kept else None
-    tried = [r for r in done if r is not baseline]  # the baseline is a measurement, not an idea
+    tried = [r for r in done if r is not baseline and not r.get("remeasure")]  # measurements, not ideas
     keeps = [r for r in tried if r["verdict"] == "keep"]
     crashes_in_row = 0
     for r in reversed(done):
@@ -40,23 +40,29 @@ def summarize(records, noise=None, in_history=lambda commit: True):
     times = [(t, d) for t, d in times if t is not None]
     hours = (max(t + d for t, d in times) - min(t for t, _ in times)) / 3600 if times else 0.0
     overheads = [r["overhead_seconds"] for r in exps if isinstance(r.get("overhead_seconds"), (int, float))]
+    counts = {v: sum(r["verdict"] == v for r in exps) for v in ("keep", "discard", "crash", "interrupted")}
     return {
-        "experiments": len(done), "interrupted": len(exps) - len(done),
-        "kept": sum(r["verdict"] == "keep" for r in done), "discarded": sum(r["verdict"] == "discard" for r in done),
-        "crashed": sum(r["verdict"] == "crash" for r in done),
+        "experiments": len(exps), "interrupted": counts["interrupted"],
+        "kept": counts["keep"], "discarded": counts["discard"], "crashed": counts["crash"],
         "keep_rate": len(keeps) / len(tried) if tried else None,
         "hours": hours, "per_hour": len(done) / hours if hours > 0 else None,
         "best": best, "best_record": best_rec,
+        "best_runs": len(gate.pool(records, best_rec["content_hash"])) if best_rec else 0,
         "baseline": gate.reference_value(records, baseline["content_hash"]) if baseline else None,
+        "baseline_runs": len(gate.pool(records, baseline["content_hash"])) if baseline else 0,
         "baseline_record": baseline, "crashes_in_row": crashes_in_row,
-        "noise_std": (noise or {}).get("std"), "margin": gate.margin(noise)[0],
-        "overhead_mean": sum(overheads) / len(overheads) if overheads else None,
+        "noise_std": (noise or {}).get("std"), "noise_tok_per_sec": (noise or {}).get("tok_per_sec"),
+        "margin": gate.margin(noise)[0], "overhead_mean": sum(overheads) / len(overheads) if overheads else None,
         "last": exps,
     }
 
 
 def _fmt(v, spec=".6f"):
     return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
+def _runs(n):
+    return f"mean of {n} run{'s' if n != 1 else ''}"
 
 
 def render(root, branch, n_last=LAST_RUNS):
@@ -73,20 +79,24 @@ def render(root, branch, n_last=LAST_RUNS):
         return "\n".join(out)
     b, base = s["best_record"], s["baseline_record"]
     if b:
-        gain = f", {s['baseline'] - s['best']:+.4f} vs baseline" if s["baseline"] is not None else ""
-        out.append(f"best:            {_fmt(s['best'])}  {short(b['commit'])}  {b['description']!r}{gain}")
-        out.append(f"baseline:        {_fmt(s['baseline'])}  {short(base['commit'])}")
+        out.append(f"best:            {_fmt(s['best'])} ({_runs(s['best_runs'])})  {short(b['commit'])}  "
+                   f"{b['description']!r}")
+        out.append(f"baseline:        {_fmt(s['baseline'])} ({_runs(s['baseline_runs'])})  {short(base['commit'])}")
+        gain = s["baseline"] - s["best"]
+        out.append("improvement:     " + (f"best is {gain:.4f} below the baseline (val_bpb: lower is better)"
+                                          if gain > 0 else "none yet: the best is still the baseline"))
     else:
         out.append("best:            - (no successful baseline yet)")
     if s["noise_std"] is not None:
-        out.append(f"noise:           std {s['noise_std']:.4f} -> keep margin {s['margin']:.4f}")
+        speed = f", noise runs at {s['noise_tok_per_sec']:,.0f} tok/s" if s["noise_tok_per_sec"] else ""
+        out.append(f"noise:           std {s['noise_std']:.4f} -> keep margin {s['margin']:.4f}{speed}")
     else:
         out.append(f"noise:           not measured -> default keep margin {s['margin']:.4f} "
                    "(run `autoresearch noise` after the baseline)")
     rate = f"{s['keep_rate']:.0%}" if s["keep_rate"] is not None else "-"
-    out.append(f"experiments:     {s['experiments']} ({s['kept']} kept incl. baseline, {s['discarded']} discarded, "
-               f"{s['crashed']} crashed" + (f", {s['interrupted']} interrupted" if s["interrupted"] else "") + ")")
-    out.append(f"keep rate:       {rate} of ideas after the baseline")
+    out.append(f"experiments:     {s['experiments']} = {s['kept']} kept (baseline included) + {s['discarded']} "
+               f"discarded + {s['crashed']} crashed + {s['interrupted']} interrupted")
+    out.append(f"keep rate:       {rate} of finished ideas after the baseline")
     per_hour = f"{s['per_hour']:.1f}" if s["per_hour"] else "-"
     out.append(f"pace:            {per_hour} experiments/hour over {s['hours']:.1f} h"
                + (f", harness overhead {s['overhead_mean']:.2f} s/experiment" if s["overhead_mean"] is not None else ""))
@@ -98,18 +108,23 @@ def render(root, branch, n_last=LAST_RUNS):
     if gitops.head(root) and gitops.train_changed(root):
         out.append("train.py:        modified, not yet run")
     out += parallel_lines(root)
-    out.append(f"last {min(n_last, len(s['last']))} experiments:")
-    out.append(f"  {'#':>4}  {'commit':7}  {'val_bpb':>9}  {'status':11}  description")
+    out.append(f"last {min(n_last, len(s['last']))} experiments (val_bpb: the pooled mean, as in results.tsv):")
+    out.append(f"  {'#':>4}  {'commit':7}  {'val_bpb':>9}  {'runs':>4}  {'steps':>5}  {'tok/s':>9}  {'status':11}  "
+               "description")
     for r in s["last"][-n_last:]:
-        val = r.get("val_bpb_mean") if r.get("val_bpb_mean") is not None else r.get("val_bpb")
-        val = _fmt(val) if r["verdict"] in ("keep", "discard") else "-"
-        out.append(f"  {r.get('exp', ''):>4}  {short(r['commit']):7}  {val:>9}  {r['verdict']:11}  {r['description']}")
+        ok = r["verdict"] in ("keep", "discard")
+        val = _fmt(gate.shown_value(records, r)) if ok else "-"
+        n = (len(gate.pool(records, r["content_hash"])) if r["verdict"] == "keep" else r.get("seeds_used", 1)) if ok else ""
+        tps = f"{r['tok_per_sec']:,.0f}" if r.get("tok_per_sec") else "-"
+        steps = r.get("steps") if r.get("steps") is not None else "-"
+        out.append(f"  {r.get('exp', ''):>4}  {short(r['commit']):7}  {val:>9}  {n:>4}  {steps:>5}  {tps:>9}  "
+                   f"{r['verdict']:11}  {r['description']}")
+        out += [f"        warning: {w}" for w in r.get("warnings") or ()]
     return "\n".join(out)
 
 
 def parallel_lines(root):
     """Parallel mode: the queue, and what each worker of the coordinator runs (from serve.json)."""
-    from autoresearch import candidates, serve  # parallel mode only
     q = candidates.Queue(root)
     if not q.candidates:
         return []
@@ -117,13 +132,8 @@ def parallel_lines(root):
     waiting = [c for c in pending if not c["running"]]
     out = [f"queue:           {len(waiting)} waiting, {len(pending) - len(waiting)} running"]
     out += [f"  waiting  {c['id']:>5}  {short(c['commit'])}  {c['description']}" for c in waiting]
-    from autoresearch.parallel import is_serve, serve_info
-    try:
-        with open(os.path.join(root, ledger.STATE_DIR, serve.SERVE_FILE)) as f:
-            state = json.load(f)
-        if not is_serve(serve_info(root)):
-            raise OSError("serve.json left behind by a coordinator that was killed")
-    except (OSError, ValueError, KeyError):
+    state = candidates.read_serve_state(root)
+    if state is None or not is_serve(holder_info(root)):  # none, or left behind by a coordinator that was killed
         if pending:
             out.append("workers:         none (no coordinator running: `autoresearch wait` resumes the queue)")
         return out

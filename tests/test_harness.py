@@ -29,20 +29,20 @@ def git(repo, *args):
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def harness_env():
+def harness_env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
     env["PYTHONPATH"] = ROOT
-    return env
+    return {**env, **extra}
 
 
-def ar(repo, *args, timeout=60):
+def ar(repo, *args, timeout=60, env=None):
     return subprocess.run([sys.executable, "-m", "autoresearch", *args], cwd=repo, capture_output=True, text=True,
-                          env=harness_env(), timeout=timeout)
+                          env=harness_env(**(env or {})), timeout=timeout)
 
 
-def ar_start(repo, *args):
+def ar_start(repo, *args, env=None):
     return subprocess.Popen([sys.executable, "-m", "autoresearch", *args], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=harness_env())
+                            stderr=subprocess.STDOUT, text=True, env=harness_env(**(env or {})))
 
 
 @pytest.fixture
@@ -104,8 +104,8 @@ def fixture_value(text, seed):
     return mod.val_bpb(text, seed, float(consts["BPB"]), float(consts["NOISE"]))
 
 
-def baseline(repo):
-    r = ar(repo, "run", "-m", "baseline")
+def baseline(repo, *args):
+    r = ar(repo, "run", "-m", "baseline", *args)
     assert r.returncode == 0, r.stdout + r.stderr
     return git(repo, "rev-parse", "HEAD")
 
@@ -200,10 +200,10 @@ def test_nan_val_bpb_is_a_crash_even_with_exit_0(repo):
 
 
 def test_timeout_kills_the_whole_process_group(repo):
-    base = baseline(repo)
+    base = baseline(repo, "--budget", "1")
     edit(repo, MODE="hang")
     t0 = time.monotonic()
-    r = ar(repo, "run", "-m", "hangs", "--timeout", "2")
+    r = ar(repo, "run", "-m", "hangs", "--budget", "1", "--timeout", "2")
     assert time.monotonic() - t0 < 15
     assert r.returncode == 1 and "timed out" in r.stdout
     child = int(read(repo, "fixture_child.pid"))
@@ -263,13 +263,14 @@ def test_noise_gate_rejects_a_lucky_noop(repo):
     assert len(noise["val_bpb"]) == 4 and noise["std"] > 0  # 3 noise seeds + the baseline's own run
     margin = max(2 * noise["std"], gate.MARGIN_FLOOR)
     best = noise["mean"]  # the baseline's reference value is the mean of all its runs
+    bar = gate.bar(margin, 1, 4)  # one run against the mean of four
 
-    # a comment-only edit whose noise draw happens to beat the best, but by less than the margin
+    # a comment-only edit whose noise draw happens to beat the best, but by less than the bar
     text = read(repo)
     for i in range(2000):
         extra = f"# no-op {i}\n"
         gain = best - fixture_value(text + extra, 42)
-        if 0.2 * margin < gain < margin:
+        if 0.2 * bar < gain < bar:
             break
     else:
         pytest.fail("no suitable no-op found")
@@ -287,10 +288,11 @@ def test_borderline_candidate_is_confirmed_with_more_seeds(repo):
     assert ar(repo, "noise", "-n", "2").returncode == 0
     noise = json.load(open(os.path.join(repo, ".autoresearch", "noise.json")))[BRANCH]
     margin, best = max(2 * noise["std"], gate.MARGIN_FLOOR), noise["mean"]
+    bar = gate.bar(margin, 1, 3)  # one run against the baseline's three
     text = read(repo)
     for i in range(5000):
         extra = f"# borderline {i}\n"
-        if margin < best - fixture_value(text + extra, 42) <= 2 * margin:
+        if bar < best - fixture_value(text + extra, 42) <= 2 * bar:
             break
     else:
         pytest.fail("no borderline edit found")
@@ -303,9 +305,9 @@ def test_borderline_candidate_is_confirmed_with_more_seeds(repo):
     run = recs[-1]
     mean = (run["val_bpb"] + sum(c["val_bpb"] for c in confirms)) / 3
     assert run["seeds_used"] == 3 and run["val_bpb_mean"] == pytest.approx(mean)
-    expected = "keep" if best - mean > gate.confirm_bar(margin, 3) else "discard"
+    expected = "keep" if best - mean > gate.bar(margin, 3, 3) else "discard"
     assert run["verdict"] == expected
-    assert results(repo)[-1][1] == f"{mean:.6f}" and "[mean of 3 seeds]" in results(repo)[-1][4]
+    assert results(repo)[-1][1] == f"{mean:.6f}" and "[mean of 3 runs]" in results(repo)[-1][4]
 
 
 def test_judge_rules():
@@ -402,7 +404,7 @@ def test_status_counts_and_crash_hint(repo):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "best:            0.800000" in out and "baseline:        1.000000" in out
-    assert "experiments:     6 (2 kept incl. baseline, 1 discarded, 3 crashed)" in out
+    assert "experiments:     6 = 2 kept (baseline included) + 1 discarded + 3 crashed + 0 interrupted" in out
     assert "keep rate:       20%" in out and "experiments/hour" in out
     assert "crashes in row:  3" in out and "hint:" in out
 

@@ -137,7 +137,7 @@ def test_four_candidates_on_two_workers(prepo):
         f.write(subprocess.run(["git", "show", f"refs/autoresearch/candidates/{c4}:train.py"], cwd=repo,
                                capture_output=True, check=True).stdout)
     r = ar(prepo, "submit", "-m", "crash again")
-    assert r.returncode == 2 and "already submitted or run" in r.stderr
+    assert r.returncode == 2 and "already run" in r.stderr
 
 
 def test_killed_worker_gets_one_retry_then_a_crash_row(prepo):
@@ -200,7 +200,7 @@ def test_borderline_candidate_is_confirmed_with_more_seeds(prepo):
     rec = next(x for x in runs(repo) if x["candidate"] == cid)
     assert rec["verdict"] == "keep" and rec["seeds_used"] == 3 and "confirmed" in rec["reason"]
     assert sorted(x["seed"] for x in ledger(repo) if x["kind"] == "confirm") == [43, 44]
-    assert len(results(repo)) == 3 and "[mean of 3 seeds]" in results(repo)[-1][4]
+    assert len(results(repo)) == 3 and "[mean of 3 runs]" in results(repo)[-1][4]
 
 
 def test_cli_without_ray(tmp_path, monkeypatch):
@@ -208,7 +208,7 @@ def test_cli_without_ray(tmp_path, monkeypatch):
     code = "import sys, autoresearch.cli; autoresearch.cli.build_parser(); assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env=harness_env())
     from autoresearch import parallel
-    from autoresearch.gitops import Refusal
+    from autoresearch.common import Refusal
     monkeypatch.setattr(parallel.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(Refusal, match="uv sync --extra parallel"):
         parallel.need_ray()

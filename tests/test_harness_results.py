@@ -1,0 +1,306 @@
+"""
+Results that mean something (issue 15, the harness's items): runs are compared only with runs of the same
+settings, pooled by train.py content, shown with the same numbers everywhere; no edit is lost to a revert and no
+bad setting gets as far as a commit. Against the fixture train.py, like test_harness.py.
+"""
+
+import json
+import os
+import statistics
+import time
+
+import pytest
+
+from autoresearch import gate
+from test_harness import ar, ar_start, baseline, edit, git, ledger, read, repo, results  # noqa: F401 (repo: fixture)
+
+
+def runs(repo):
+    return [r for r in ledger(repo) if r["kind"] == "run"]
+
+
+def unchanged(repo, head, text, n_records):
+    """Nothing changed: same HEAD, same train.py, no new record."""
+    assert git(repo, "rev-parse", "HEAD") == head and read(repo) == text
+    path = os.path.join(repo, ".autoresearch", "ledger.jsonl")
+    assert (len(ledger(repo)) if os.path.exists(path) else 0) == n_records
+
+
+# ---------------------------------------------------------------------------
+# item 4: only runs of the same settings are compared
+
+def test_every_record_has_its_settings(repo):
+    baseline(repo)
+    rec = ledger(repo)[0]
+    assert rec["settings"]["budget"] == 300 and rec["settings"]["eval_tokens"] == 16384
+    assert rec["settings"]["device"] and "corpus" in rec["settings"]
+
+
+@pytest.mark.parametrize("args,env,what", [
+    (["--budget", "40"], {}, "budget 40.0 vs 300"),
+    ([], {"AUTORESEARCH_TIME_BUDGET": "40"}, "budget 40.0 vs 300"),
+    ([], {"AUTORESEARCH_EVAL_TOKENS": "8192"}, "eval_request 8192 vs default"),
+])
+def test_other_settings_are_refused_before_anything_changes(repo, args, env, what):
+    baseline(repo)
+    text = edit(repo, BPB=0.5)
+    head = git(repo, "rev-parse", "HEAD")
+    r = ar(repo, "run", "-m", "longer budget", *args, env=env)
+    assert r.returncode == 2 and what in r.stderr and "git checkout -b autoresearch/" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    unchanged(repo, head, text, 1)
+
+
+def test_another_corpus_is_refused(repo, tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "data").mkdir(parents=True)
+    (cache / "data" / "source.json").write_text(json.dumps({"source": "local", "sha256": "aaa"}))
+    env = {"AUTORESEARCH_CACHE": str(cache)}
+    baseline_rec = ar(repo, "run", "-m", "baseline", env=env)
+    assert baseline_rec.returncode == 0 and ledger(repo)[0]["settings"]["corpus"]["sha256"] == "aaa"
+    (cache / "data" / "source.json").write_text(json.dumps({"source": "local", "sha256": "bbb"}))
+    text = edit(repo, BPB=0.5)
+    head = git(repo, "rev-parse", "HEAD")
+    r = ar(repo, "run", "-m", "on another corpus", env=env)
+    assert r.returncode == 2 and "corpus" in r.stderr and "new baseline" in r.stderr
+    unchanged(repo, head, text, 1)
+    git(repo, "checkout", "train.py")
+    r = ar(repo, "noise", "-n", "2", env=env)  # noise runs would join the pool: refused too
+    assert r.returncode == 2 and "corpus" in r.stderr
+
+
+def test_a_run_that_changes_its_own_evaluation_is_not_compared(repo):
+    base = baseline(repo)
+    edit(repo, BPB=0.5, EVAL_TOKENS=512)  # a train.py that evaluates on fewer tokens "improves" a lot
+    r = ar(repo, "run", "-m", "smaller eval")
+    assert r.returncode == 0 and "verdict:      discard" in r.stdout and "not comparable" in r.stdout, r.stdout
+    assert git(repo, "rev-parse", "HEAD") == base
+    rec = runs(repo)[-1]
+    assert rec["comparable"] is False and rec["settings"]["eval_tokens"] == 512
+    assert gate.pool(ledger(repo), rec["content_hash"]) == []  # never pooled
+
+
+# ---------------------------------------------------------------------------
+# item 5 and item 3: throughput and start-up in every verdict
+
+def test_verdicts_and_noise_show_steps_and_tok_s_and_warn_on_a_change(repo):
+    baseline(repo)
+    r = ar(repo, "noise", "-n", "2")
+    assert r.returncode == 0 and "3 steps, 1,000 tok/s" in r.stdout and "15%" in r.stdout, r.stdout
+    assert json.load(open(os.path.join(repo, ".autoresearch", "noise.json")))["autoresearch/test"]["tok_per_sec"] == 1000
+
+    edit(repo, BPB=1.5, TOKENS_PER_STEP=900)  # 10 % slower: within the tolerance
+    r = ar(repo, "run", "-m", "a bit slower")
+    assert "throughput:   3 steps, 900 tok/s" in r.stdout and "-10%" in r.stdout and "warning:" not in r.stdout
+
+    edit(repo, BPB=1.5, TOKENS_PER_STEP=700)  # 30 % slower: the machine is busier than when noise was measured
+    r = ar(repo, "run", "-m", "much slower")
+    assert "throughput:   3 steps, 700 tok/s" in r.stdout
+    assert "warning:      tok/s 700 is 30% below the noise runs' 1,000" in r.stdout
+    assert "measure noise again (`autoresearch noise`)" in r.stdout
+    assert runs(repo)[-1]["tok_per_sec"] == 700 and runs(repo)[-1]["warnings"]
+
+
+def test_start_up_far_above_the_baseline_is_flagged(repo):
+    baseline(repo)  # start-up 1 s
+    edit(repo, BPB=1.5, STARTUP=20.0)  # 20x, but only 19 s more: compilation of a bigger model, say
+    r = ar(repo, "run", "-m", "slower start")
+    assert "start-up 20 s" in r.stdout and "warning:" not in r.stdout
+    edit(repo, BPB=0.5, STARTUP=45.0)  # work bought outside the budget
+    r = ar(repo, "run", "-m", "precompute before the timer")
+    assert "warning:      start-up 45 s is far above the baseline's 1 s" in r.stdout
+    assert "start-up 45 s" in runs(repo)[-1]["warnings"][0]
+
+
+# ---------------------------------------------------------------------------
+# item 6: pools of runs, means against means
+
+def test_means_against_means():
+    m = 0.01
+    assert gate.bar(m, 1, 1) == pytest.approx(m)
+    assert gate.bar(m, 4, 4) == pytest.approx(m / 2)
+    assert gate.judge(0.985, 1.0, m)[0] == "borderline"                  # one run against one
+    assert gate.judge(0.985, 1.0, m, n=4, n_best=4)[0] == "keep"         # four against four: clear
+    assert gate.judge(0.997, 1.0, m, n=4, n_best=4)[0] == "discard"
+    # a rerun's earlier runs join its pool: the verdict rests on the mean of all of them
+    verdict, _, values, _ = gate.decide([(43, 0.99)], 1.0, m, prior=[0.98, 0.97, 0.98], n_best=4)
+    assert values == [0.98, 0.97, 0.98, 0.99] and verdict == "keep"
+
+
+def test_pool_counts_each_seed_once():
+    recs = [{"kind": "noise", "content_hash": "h", "seed": 42, "verdict": "noise", "val_bpb": 1.0},
+            {"kind": "noise", "content_hash": "h", "seed": 42, "verdict": "noise", "val_bpb": 1.2},
+            {"kind": "noise", "content_hash": "h", "seed": 43, "verdict": "crash", "val_bpb": None},
+            {"kind": "noise", "content_hash": "h", "seed": 44, "verdict": "noise", "val_bpb": 1.1}]
+    assert gate.pool(recs, "h") == [1.2, 1.1]
+    assert gate.free_seeds(recs, "h", 42, 3) == [45, 46, 47]
+
+
+def test_rerun_adds_a_run_to_the_pool(repo):
+    edit(repo, NOISE=0.05)
+    git(repo, "commit", "-qam", "noisy fixture")
+    baseline(repo)
+    edit(repo, BPB=1.1)
+    assert ar(repo, "run", "-m", "worse").returncode == 0
+    edit(repo, BPB=1.1)
+    r = ar(repo, "run", "-m", "worse, again", "--rerun", "--confirm", "0")
+    assert r.returncode == 0 and "seed 43" in r.stdout  # a new seed, not the same run again
+    first, again = runs(repo)[-2:]
+    assert again["seed"] == 43 and again["seeds_used"] == 2
+    assert again["val_bpb_mean"] == pytest.approx(statistics.fmean([first["val_bpb"], again["val_bpb"]]))
+    assert "mean of 2 runs" in again["reason"]
+
+
+def test_rerun_of_the_best_measures_it_again(repo):
+    edit(repo, NOISE=0.05)
+    git(repo, "commit", "-qam", "noisy fixture")
+    head = baseline(repo)
+    r = ar(repo, "run", "-m", "baseline again", "--rerun")
+    assert r.returncode == 0 and "verdict:      keep" in r.stdout and "measured again" in r.stdout
+    assert "stays the kept commit" in r.stdout and git(repo, "rev-parse", "HEAD") == head
+    values = [x["val_bpb"] for x in runs(repo)]
+    status = ar(repo, "status").stdout
+    assert f"best:            {statistics.fmean(values):.6f} (mean of 2 runs)" in status
+    assert "keep rate:       -" in status  # a measurement, not an idea
+
+
+def test_after_a_simpler_keep_the_reference_is_its_pooled_mean(repo):
+    edit(repo, NOISE=0.002)
+    git(repo, "commit", "-qam", "noisy fixture")
+    baseline(repo)
+    edit(repo, BPB=1.01, append="# simpler\n")
+    r = ar(repo, "run", "-m", "simpler", "--simpler", "--margin", "0.05")
+    assert "verdict:      keep" in r.stdout, r.stdout
+    assert ar(repo, "noise", "-n", "3").returncode == 0  # three more runs of the simpler train.py
+    recs = ledger(repo)
+    simpler = runs(repo)[-1]
+    pooled = gate.pool(recs, simpler["content_hash"])
+    assert len(pooled) == 4
+    best_rec, best = gate.best_kept(recs)
+    base_value = runs(repo)[0]["val_bpb"]
+    assert best == pytest.approx(min(statistics.fmean(pooled), base_value))
+    row = results(repo)[2]
+    assert row[1] == f"{statistics.fmean(pooled):.6f}" and "[mean of 4 runs]" in row[4]  # results.tsv agrees
+
+
+# ---------------------------------------------------------------------------
+# item 7: one set of numbers
+
+def test_status_results_and_plot_agree(repo):
+    from autoresearch import plot
+
+    edit(repo, NOISE=0.01)
+    git(repo, "commit", "-qam", "noisy fixture")
+    baseline(repo)
+    assert ar(repo, "noise", "-n", "2").returncode == 0
+    edit(repo, BPB=0.8)
+    ar(repo, "run", "-m", "better")
+    edit(repo, BPB=0.95)
+    ar(repo, "run", "-m", "worse")
+    edit(repo, MODE="crash")
+    ar(repo, "run", "-m", "broken")
+    edit(repo, MODE="hang", BPB=0.7)
+    proc = ar_start(repo, "run", "-m", "interrupted")
+    log = os.path.join(repo, "run.log")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (os.path.exists(log) and "hanging" in open(log).read()):
+        time.sleep(0.05)
+    proc.terminate()
+    proc.communicate(timeout=30)
+    edit(repo, MODE="good", BPB=0.9, append="# after\n")
+    ar(repo, "run", "-m", "not better")
+
+    out = ar(repo, "status").stdout
+    recs = ledger(repo)
+    exps = runs(repo)
+    assert "experiments:     6 = 2 kept (baseline included) + 2 discarded + 1 crashed + 1 interrupted" in out
+    base_pool = gate.pool(recs, exps[0]["content_hash"])
+    assert len(base_pool) == 3
+    assert f"baseline:        {statistics.fmean(base_pool):.6f} (mean of 3 runs)" in out
+    best = gate.best_kept(recs)[1]
+    assert f"best is {statistics.fmean(base_pool) - best:.4f} below the baseline (val_bpb: lower is better)" in out
+    rows = results(repo)[1:]
+    assert [row[3] for row in rows] == [r["verdict"] for r in exps]
+    assert rows[0][1] == f"{statistics.fmean(base_pool):.6f}" and "[mean of 3 runs]" in rows[0][4]
+    for r, row in zip(exps, rows):  # status lists the same numbers under the same experiment numbers
+        if r["verdict"] in ("keep", "discard"):
+            assert f"  {r['exp']:>4}  {r['commit'][:7]:7}  {row[1]:>9}" in out
+    s = plot.series(recs)
+    assert [x for x, _, _ in s["kept"]] == [1, 2] and [x for x, _ in s["discarded"]] == [3, 6] and s["crash"] == [4]
+    assert [f"{v:.6f}" for _, v, _ in s["kept"]] == [rows[0][1], rows[1][1]]
+    assert s["margins"][0] == gate.DEFAULT_MARGIN and s["margins"][1] == pytest.approx(exps[1]["margin"])
+    assert s["margins"][1] != gate.DEFAULT_MARGIN  # measured by noise after the baseline
+
+
+# ---------------------------------------------------------------------------
+# item 8: an edit made during a run is never overwritten
+
+@pytest.mark.parametrize("how", ["discard", "timeout"])
+def test_edit_made_during_a_run_survives_its_revert(repo, how):
+    base = baseline(repo, "--budget", "1")
+    if how == "discard":
+        edit(repo, BPB=1.5, SLEEP=2.0)
+    else:
+        edit(repo, MODE="hang")
+    log = os.path.join(repo, "run.log")
+    os.remove(log)  # the baseline's: wait for this run's
+    proc = ar_start(repo, "run", "-m", "slow idea", "--budget", "1", "--timeout", "6")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (os.path.exists(log) and "Startup" in open(log).read()):
+        time.sleep(0.05)
+    newer = edit(repo, MODE="good", BPB=0.7, SLEEP=0.0, append="# the next idea, written while the run goes\n")
+    out, _ = proc.communicate(timeout=60)
+    assert ("verdict:      discard" if how == "discard" else "timed out") in out, out
+    assert "edited during the run" in out
+    assert git(repo, "rev-parse", "HEAD") == base                        # the branch went back...
+    assert read(repo) == newer                                           # ...but the newer file stayed
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == "M train.py"
+    r = ar(repo, "run", "-m", "the next idea", "--budget", "1")
+    assert r.returncode == 0 and "verdict:      keep" in r.stdout
+
+
+# ---------------------------------------------------------------------------
+# item 10: every setting checked first
+
+@pytest.mark.parametrize("args,env", [
+    (["--budget", "nan"], {}), (["--budget", "inf"], {}), (["--budget", "-5"], {}), (["--budget", "abc"], {}),
+    (["--timeout", "inf"], {}), (["--timeout", "nan"], {}), (["--timeout", "100"], {}),  # shorter than the budget
+    (["--margin", "nan"], {}), (["--margin", "-0.1"], {}), (["--confirm", "-1"], {}), (["--seed", "-3"], {}),
+    ([], {"AUTORESEARCH_TIME_BUDGET": "abc"}), ([], {"AUTORESEARCH_TIME_BUDGET": "nan"}),
+    ([], {"AUTORESEARCH_TIMEOUT": "inf"}), ([], {"AUTORESEARCH_EVAL_TOKENS": "12.5"}),
+])
+def test_bad_settings_are_refused_before_anything_changes(repo, args, env):
+    baseline(repo)
+    text = edit(repo, BPB=0.5)
+    head = git(repo, "rev-parse", "HEAD")
+    r = ar(repo, "run", "-m", "idea", *args, env=env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    unchanged(repo, head, text, 1)
+
+
+def test_bad_settings_for_noise_and_status(repo):
+    baseline(repo)
+    for args, env in ((["-n", "0"], {}), ([], {"AUTORESEARCH_TIMEOUT": "nan"})):
+        r = ar(repo, "noise", *args, env=env)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert len(ledger(repo)) == 1
+    r = ar(repo, "status", env={"AUTORESEARCH_TIME_BUDGET": "abc", "AUTORESEARCH_TIMEOUT": "nan"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "best:" in r.stdout
+
+
+def test_run_facts_from_train_py_output():
+    from autoresearch import runner
+
+    text = ("Hardware: cpu (AMD EPYC, 24 GB) | defaults: depth 2, device batch 2, total batch 4096 tokens, float32, "
+            "eval 131072 tokens\nTime budget: 15s\nBatch: 4096 tokens per step = 1 x 2 rows x 2048\n"
+            "Startup: 3.8s (data, compile, 2 untimed steps)\nEval: 6.1s\n---\nval_bpb: 2.5\ntraining_seconds: 15.2\n"
+            "total_seconds: 25.3\nnum_steps: 12\ntotal_tokens_M: 0.0\n")
+    facts = runner.run_facts(text, runner.parse_summary(text))
+    assert facts == {"steps": 12, "tok_per_sec": round(10 * 4096 / 15.2, 1), "startup_seconds": 3.8,
+                     "eval_tokens": 131072, "budget": 15.0}
+    # summary keys win over the lines; whatever an edited train.py prints, the harness reads it without failing
+    text += "eval_tokens: 8192\nstartup_seconds: 2.0\n"
+    assert runner.run_facts(text, runner.parse_summary(text))["eval_tokens"] == 8192
+    for junk in ("Time budget: .s\nStartup: xs\n---\nnum_steps: nan\ntraining_seconds: 0\n", "---\neval_tokens: inf\n"):
+        assert set(runner.run_facts(junk, runner.parse_summary(junk)).values()) == {None}
