@@ -70,7 +70,8 @@ def render(root, branch, n_last=LAST_RUNS):
         out.append("no experiments on this branch yet: run the baseline with `autoresearch run -m baseline`.")
         if others:
             out.append("branches with experiments: " + ", ".join(others))
-        return "\n".join(out)
+        from autoresearch import agent
+        return "\n".join(out + agent.status_lines(root))
     b, base = s["best_record"], s["baseline_record"]
     if b:
         gain = f", {s['baseline'] - s['best']:+.4f} vs baseline" if s["baseline"] is not None else ""
@@ -98,6 +99,8 @@ def render(root, branch, n_last=LAST_RUNS):
     if gitops.head(root) and gitops.train_changed(root):
         out.append("train.py:        modified, not yet run")
     out += parallel_lines(root)
+    from autoresearch import agent
+    out += agent.status_lines(root)
     out.append(f"last {min(n_last, len(s['last']))} experiments:")
     out.append(f"  {'#':>4}  {'commit':7}  {'val_bpb':>9}  {'status':11}  description")
     for r in s["last"][-n_last:]:
