@@ -415,12 +415,18 @@ class Agent:
 
     # --- set-up: resume, baseline, noise
     def resume_pending(self):
-        if not gitops.train_changed(self.root):
-            if self.state.get("pending"):
-                self.state.save(pending=None)
-            return
         h = gitops.content_hash(self.root)
         pending = self.state.get("pending") or {}
+        if not gitops.train_changed(self.root):
+            # stopped between the harness's commit and the start of the run: the commit is there, unjudged
+            ran = any(r["content_hash"] == h and r["verdict"] != "interrupted"
+                      for r in gate.experiments(self.records()))
+            if pending.get("content_hash") == h and not ran and not self.cfg.workers:
+                say(f"resuming the interrupted experiment {pending['description']!r} (committed, never run)")
+                self.run_edit(read_train(self.root), pending["description"])
+            elif pending:
+                self.state.save(pending=None)
+            return
         description = pending.get("description") if pending.get("content_hash") == h else None
         if description is None:
             interrupted = [r for r in gate.experiments(self.records()) if r["verdict"] == "interrupted"]

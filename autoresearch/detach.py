@@ -95,8 +95,8 @@ def start(args):
     if proc.poll() is not None:  # ended at once: a refusal or a quick failure, report it now
         return report(root, info)
     say(f"started in the background (pid {proc.pid}): autoresearch {' '.join(args)}",
-        f"output in {info['log']}; `autoresearch wait --timeout 540` blocks up to 9 minutes at a time and prints "
-        "the verdict once it ends (run it again while it says 'still running'); `autoresearch stop` interrupts it")
+        f"output in {info['log']}; `autoresearch wait --timeout 300` blocks up to 5 minutes and prints the verdict "
+        "once it ends (call it again while it says 'still running'); `autoresearch stop` interrupts it")
     return EXIT_OK
 
 

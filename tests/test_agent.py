@@ -19,7 +19,7 @@ from test_harness import ROOT, ar, edit, git, harness_env, ledger, read, repo, r
 
 pytest.importorskip("openai", reason="the agent needs the OpenAI client: uv sync --extra agent")
 
-from autoresearch import context, edits  # noqa: E402
+from autoresearch import agent, context, edits  # noqa: E402
 
 
 def reply(description, old, new, note=None):
@@ -321,3 +321,52 @@ def test_detach_reports_a_refusal_at_once_and_stop_interrupts(arepo):
     r = ar(arepo, "wait")
     assert r.returncode == 130 and "verdict:      interrupted" in r.stdout
     assert "SLEEP = 20.0" in read(arepo)  # the edit is left in place, as after Ctrl-C
+
+
+# ---------------------------------------------------------------------------
+# parallel mode: the agent keeps every worker of a local Ray cluster busy through submit/wait
+
+@pytest.mark.slow
+def test_parallel_mode_keeps_both_workers_busy(arepo):
+    ray = pytest.importorskip("ray", reason="parallel mode needs Ray: uv sync --extra parallel")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    env = agent_env(AUTORESEARCH_RAY_ADDRESS=ray.get_runtime_context().gcs_address, AUTORESEARCH_IDLE="30")
+    slow = 'SLEEP = 0.0     # seconds of "training" before the summary (mode good)'
+    script = [reply("better, slowest", slow, "SLEEP = 8.0\nBPB = 0.9"),
+              reply("worse, slow", slow, "SLEEP = 1.0\nBPB = 1.1"),
+              reply("best", "BPB = 1.0", "BPB = 0.8")]
+    try:
+        with ScriptedServer(script) as server:
+            r = subprocess.run(agent_cmd(server, "--workers", "2", "--max-experiments", "3"), cwd=arepo,
+                               capture_output=True, text=True, env=env, timeout=300)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out
+        verdicts = {x["description"]: x["verdict"] for x in runs(arepo)}
+        assert verdicts["baseline"] == "keep" and verdicts["worse, slow"] == "discard" and verdicts["best"] == "keep"
+        assert len(verdicts) == 4
+        # the second idea was asked for while the first one ran, the third as soon as the second's verdict came
+        # while the first still ran: both workers always busy, and the model knew what was running
+        assert "- better, slowest" in server.last_user_message(1)
+        assert "- better, slowest" in server.last_user_message(2) and "worse, slow" in server.last_user_message(2)
+        assert {x.get("worker") for x in runs(arepo)[1:]} == {0, 1}
+        assert "3 experiments done" in out
+    finally:
+        subprocess.run([sys.executable, "-m", "autoresearch", "stop"], cwd=arepo, env=env, capture_output=True,
+                       timeout=90)
+        ray.shutdown()
+
+
+def test_resumes_an_edit_committed_but_never_run(arepo):
+    """Stopped in the instant between the harness's commit and the run: the next start runs that commit."""
+    assert ar(arepo, "run", "-m", "baseline").returncode == 0
+    text = edit(arepo, BPB=0.9)
+    git(arepo, "commit", "-q", "-am", "lower BPB")
+    os.makedirs(os.path.join(arepo, ".autoresearch"), exist_ok=True)
+    with open(os.path.join(arepo, ".autoresearch", "agent.json"), "w") as f:
+        json.dump({"pending": {"content_hash": agent.text_hash(text), "description": "lower BPB"}}, f)
+    with ScriptedServer([]) as server:
+        r = run_agent(arepo, server, "--max-experiments", "1")
+    assert r.returncode == 0 and "committed, never run" in r.stdout, r.stdout + r.stderr
+    assert [(x["description"], x["verdict"]) for x in runs(arepo)] == [("baseline", "keep"), ("lower BPB", "keep")]
+    assert not server.requests
+
