@@ -332,6 +332,7 @@ class Agent:
                 self.check_caps()
                 messages = base + follow_up
                 self.state.doing(f"asking the model for experiment #{exp} (reply {attempt})")
+                say(f"asking {self.cfg.model} for experiment #{exp} ({context.size(messages) / 1000:.1f} k characters)")
                 text, tool_args, usage = self.model.ask(messages, exp)
                 self.count_usage(usage)
                 try:
@@ -362,6 +363,9 @@ class Agent:
                 log_event(self.root, "exchange", exp=exp, attempt=attempt, request_chars=context.size(messages),
                           messages=messages, reply=text, tool_args=tool_args, usage=usage, applied=True,
                           description=proposal.description, notes=proposal.notes)
+                say(f"reply {attempt} applied ({usage['seconds']:.0f} s, {usage['prompt_tokens']} + "
+                    f"{usage['completion_tokens']} tokens): {proposal.description}"
+                    + (f" (+{len(proposal.notes)} note{'s' * (len(proposal.notes) > 1)})" if proposal.notes else ""))
                 if proposal.notes:
                     ledger.append_line(os.path.join(ledger.state_dir(self.root), context.NOTES_FILE),
                                        "\n".join(f"- #{exp}: {n}" for n in proposal.notes))
@@ -385,7 +389,6 @@ class Agent:
             return
         exp = self.next_exp()
         self.state.doing(f"running experiment #{exp}: {description}")
-        say(f"experiment #{exp}: {description}")
         code, rec = run_one(run_options(self.cfg, description))
         self.after_run(code, rec)
 
@@ -603,7 +606,9 @@ def add_arguments(p):
                         "http://localhost:8080/v1 (mlx_lm.server, llama.cpp), http://localhost:11434/v1 (Ollama) "
                         "(default: $OPENAI_BASE_URL)")
     p.add_argument("--model", default=env("AUTORESEARCH_MODEL"), help="model name (default: $AUTORESEARCH_MODEL)")
-    p.add_argument("--max-experiments", type=int, default=None, help="stop after this many experiments")
+    p.add_argument("--max-experiments", type=int, default=None,
+                   help="stop after this many experiments proposed by the model (the baseline and noise runs of the "
+                        "set-up don't count)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (this session)")
     p.add_argument("--max-cost", type=float, default=None,
                    help="stop after this many USD (from the API's usage.cost, else --price)")

@@ -14,12 +14,14 @@ NOTES_FILE = "notes.md"         # in .autoresearch/: ideas the model asked to re
 RULE_SECTIONS = ("What you may and may not do", "What train.py prints", "The keep gate", "Simplicity",
                  "Time-outs", "Driven by `autoresearch agent`", "NEVER STOP")
 LAST_RESULTS = 15               # one line each
-KEPT_SHOWN = 12                 # the latest kept changes on the way to the best
+KEPT_SHOWN = 10                 # the latest kept changes on the way to the best
 NEAR_MISSES = 6                 # discarded ideas that came closest to the best
-NOTES_CHARS = 2500              # the newest notes
+NOTES_CHARS = 2000              # the newest notes
 CRASH_CHARS = 1500              # the end of the last crash's log
 CRASH_RECENT = 10               # show the last crash only if it is among this many latest experiments
 DESCRIPTION_CHARS = 120
+BEST_METRICS = ("training_seconds", "total_seconds", "num_steps", "total_tokens_M", "num_params_M", "depth",
+                "peak_vram_mb", "mfu_percent")  # from the best run's summary block: where the time went
 
 REPLY_FORMAT = """\
 You are an autonomous ML researcher. A harness runs your experiments: you propose ONE change to train.py, it
@@ -93,21 +95,30 @@ def result_line(r):
     return f"#{r.get('exp', '?')} {r['verdict']:<9} {score}{delta}  {_desc(r)}"
 
 
-def build(root, branch, last_crash=None, pending=(), guidance=None):
-    """[system, user] messages for the next experiment."""
+def build(root, branch, last_crash=None, pending=(), guidance=None, in_history=None):
+    """[system, user] messages for the next experiment. `in_history(commit)`: is a kept commit still on the
+    branch (default: ask git)."""
     records = gate.branch_records(ledger.read_ledger(root), branch)
-    in_history = (lambda c: gitops.is_ancestor(root, c, "HEAD"))
+    in_history = in_history or (lambda c: gitops.is_ancestor(root, c, "HEAD"))
     best_rec, best = gate.best_kept(records, in_history)
     kept = gate.kept(records, in_history)
     exps = gate.experiments(records)
     m, _ = gate.margin(ledger.read_noise(root, branch))
-    parts = []
+    # what changes least comes first, so servers that cache a common prompt prefix (OpenAI, vLLM, llama.cpp,
+    # mlx_lm.server) reuse it: the rules, then train.py (new only after a keep), then the results
+    train = read_text(os.path.join(root, gitops.TRAIN_FILE))
+    parts = [f"## Current train.py (the best version; your SEARCH text must match it exactly)\n```python\n"
+             f"{train}```"]
 
     if best_rec:
         base = gate.reference_value(records, kept[0]["content_hash"])
         parts.append(f"## Best so far\nval_bpb {best:.6f} (commit {gitops.short(best_rec['commit'])}: "
                      f"{_desc(best_rec)}); baseline {base:.6f}; keep margin {m:.4f}. "
                      f"{len(exps)} experiments so far, {len(kept)} kept.")
+        metrics = best_rec.get("metrics") or {}
+        shown = [f"{k} {metrics[k]}" for k in BEST_METRICS if k in metrics]
+        if shown:
+            parts[-1] += "\nIts run: " + ", ".join(shown) + "."
         chain = [f"- {_desc(r)} -> {gate.reference_value(records, r['content_hash']) or float('nan'):.6f}"
                  for r in kept[-KEPT_SHOWN:]]
         earlier = f" ({len(kept) - KEPT_SHOWN} earlier ones not shown)" if len(kept) > KEPT_SHOWN else ""
@@ -140,9 +151,6 @@ def build(root, branch, last_crash=None, pending=(), guidance=None):
     if pending:
         parts.append("## Running or queued now (don't propose these again)\n" + "\n".join(f"- {d}" for d in pending))
 
-    train = read_text(os.path.join(root, gitops.TRAIN_FILE))
-    parts.append(f"## Current train.py (the best version; your SEARCH text must match it exactly)\n```python\n"
-                 f"{train}```")
     ask = guidance or ("Propose the next experiment: one idea, different from what was already tried above."
                        if exps else "Propose the first experiment.")
     parts.append(ask)

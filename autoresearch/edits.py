@@ -125,13 +125,15 @@ def _find_loose(text, search):
 
 
 def _not_found(text, search, n):
-    first = next((s for s in search.split("\n") if s.strip()), "")
+    first = next((s for s in search.split("\n") if s.strip()), "").strip()
+    lines = text.split("\n")
+    code = [line.split("  #")[0].strip() for line in lines]  # compare code, not trailing comments
     hint = ""
-    close = difflib.get_close_matches(first.strip(), [s.strip() for s in text.split("\n")], n=1, cutoff=0.6)
+    close = difflib.get_close_matches(first.split("  #")[0].strip(), code, n=1, cutoff=0.6)
     if close:
-        lineno = [s.strip() for s in text.split("\n")].index(close[0]) + 1
-        hint = f" The closest line in train.py is line {lineno}: {close[0]!r}."
-    return EditError(f"block {n}: the SEARCH text is not in the current train.py (its first line: {first.strip()!r})."
+        lineno = code.index(close[0]) + 1
+        hint = f" The closest line in train.py is line {lineno}: {lines[lineno - 1].strip()!r}."
+    return EditError(f"block {n}: the SEARCH text is not in the current train.py (its first line: {first!r})."
                      f"{hint} Copy the old lines exactly from the train.py shown above.")
 
 

@@ -111,6 +111,7 @@ def test_loop_applies_good_edits_and_sends_bad_ones_back(arepo):
     assert "You **may not**" in first[0]["content"] and "BPB = 1.0" in first[1]["content"]
     assert "#3 discard" in later[1]["content"] and "#2 keep" in later[1]["content"]
     assert "BPB matters a lot" in later[1]["content"]  # the NOTE: line came back
+    assert "num_steps 3.0" in later[1]["content"]  # the best run's summary block
     # a fresh request per experiment, plus only the last rejected reply and its reason: never a transcript
     assert len(server.requests[4]["body"]["messages"]) == 2 and len(later) == 4
 
@@ -258,31 +259,35 @@ def test_parse_and_apply():
 
 
 def test_request_size_stays_flat_over_100_experiments(tmp_path, capsys):
-    """Simulate a branch's ledger of 100 experiments (real train.py and program.md) and measure the request."""
+    """Simulate a branch's ledger of 200 experiments (real train.py and program.md) and measure the request."""
     from autoresearch import ledger as ledger_mod
     root = str(tmp_path)
     for name in ("train.py", "program.md"):
         shutil.copy(os.path.join(ROOT, name), root)
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     branch, sizes = "autoresearch/sim", {}
-    crash = {"exp": 99, "description": "x", "reason": "train.py failed", "tail": "Traceback ...\n" * 200}
     best = 1.0
-    for n in range(1, 101):
+    for n in range(1, 201):
         verdict = "keep" if n == 1 or n % 7 == 0 else ("crash" if n % 10 == 9 else "discard")
-        val = best - 0.01 if verdict == "keep" else best + 0.002 * (n % 5)
+        val = best - 0.001 if verdict == "keep" else best + 0.002 * (n % 5)
         rec = {"kind": "run", "branch": branch, "exp": n, "commit": f"{n:040x}", "content_hash": f"{n:016x}",
                "description": f"experiment {n}: " + "a fairly long description of the idea " * 3,
                "verdict": verdict, "val_bpb": val if verdict != "crash" else None, "best_before": best,
-               "reason": "...", "seed": 42}
+               "reason": "...", "seed": 42,
+               "metrics": {"val_bpb": val, "training_seconds": 300.1, "total_seconds": 325.9, "peak_vram_mb": 45060.2,
+                           "mfu_percent": 39.8, "total_tokens_M": 499.6, "num_steps": 953, "num_params_M": 50.3,
+                           "depth": 8}}
         best = val if verdict == "keep" else best
         ledger_mod.append_record(root, rec)
         ledger_mod.append_line(os.path.join(root, ".autoresearch", "notes.md"), f"- #{n}: idea number {n} " * 4)
-        if n in (10, 30, 100):
-            sizes[n] = context.size(context.build(root, branch, crash if n == 100 else None))
+        if n in (10, 30, 100, 200):
+            crash = {"exp": n - 1, "description": "x", "reason": "train.py failed", "tail": "Traceback ...\n" * 200}
+            messages = context.build(root, branch, crash, in_history=lambda c: True)
+            sizes[n] = context.size(messages)
+            assert "## Kept changes" in messages[1]["content"] and "num_steps 953" in messages[1]["content"]
     with capsys.disabled():
         print(f"\nrequest size: {sizes} characters (train.py is {os.path.getsize(os.path.join(root, 'train.py'))})")
     assert sizes[100] < 40_000
-    assert sizes[100] - sizes[30] < 3_000  # flat: only the crash tail and more near-misses were added
+    assert abs(sizes[200] - sizes[100]) < 200  # flat: every part is capped, only numbers get longer
 
 
 # ---------------------------------------------------------------------------
