@@ -24,6 +24,7 @@ REPLACE_RE = re.compile(r"^\s*>{5,9}\s*REPLACE\s*$")
 FILENAME_RE = re.compile(r"^[\w./\\-]+\.\w+$")      # a bare path such as train.py or src/model.py
 DESCRIPTION_RE = re.compile(r"^\W*DESCRIPTION\W*:\s*(.*)$", re.I)
 NOTE_RE = re.compile(r"^\W*NOTE\W*:\s*(.*)$", re.I)
+THINKING_RE = re.compile(r"<think>.*?</think>", re.S)
 MAX_DESCRIPTION = 200
 
 
@@ -49,6 +50,8 @@ def parse(text):
     """Plain-text reply -> Proposal."""
     if not text or not text.strip():
         raise EditError("the reply was empty")
+    # a reasoning model's thinking may hold drafts of blocks: only the answer after it counts
+    text = THINKING_RE.sub("", text)
     lines = text.replace("\r\n", "\n").split("\n")
     description, notes, blocks = None, [], []
     i = 0

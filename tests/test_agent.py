@@ -180,7 +180,9 @@ def test_ctrl_c_mid_run_loses_nothing_and_the_next_start_resumes(arepo):
                                 text=True, env=agent_env())
         until(lambda: os.path.exists(os.path.join(arepo, ".autoresearch", "agent.json"))
               and "running experiment #2" in (state(arepo).get("doing") or ""), what="experiment #2 to start")
-        time.sleep(1.0)
+        status = ar(arepo, "status").stdout
+        assert "agent:           running, pid" in status and "running experiment #2: slow but better" in status
+        time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=60)[0]
         assert proc.returncode == 130, out
@@ -199,6 +201,19 @@ def test_ctrl_c_mid_run_loses_nothing_and_the_next_start_resumes(arepo):
         ("baseline", "keep"), ("slow but better", "interrupted"), ("slow but better", "keep")]
     assert len(server.requests) == 1
     assert state(arepo)["pending"] is None
+
+
+@pytest.mark.slow
+def test_token_and_cost_caps(arepo):
+    script = [reply("lower BPB", "BPB = 1.0", "BPB = 0.9"), reply("lower BPB more", "BPB = 0.9", "BPB = 0.8")]
+    with ScriptedServer(script) as server:
+        r = run_agent(arepo, server, "--max-tokens", "100")  # the scripted server counts ~characters/4
+    assert r.returncode == 0 and "token cap reached" in r.stdout, r.stdout + r.stderr
+    assert len(server.requests) == 1 and [x["verdict"] for x in runs(arepo)] == ["keep", "keep"]
+    with ScriptedServer(script[1:]) as server:
+        r = run_agent(arepo, server, "--max-cost", "0.001", "--price", "1000", "1000")
+    assert r.returncode == 0 and "cost cap reached" in r.stdout, r.stdout + r.stderr
+    assert len(server.requests) == 1 and state(arepo)["session"]["cost"] > 0.001
 
 
 def test_ctrl_c_while_asking_the_model(arepo):
@@ -248,6 +263,9 @@ def test_parse_and_apply():
         edits.apply("x = 1\nx = 1\n", [("x = 1\n", "x = 2\n")])
     with pytest.raises(edits.EditError, match="closest line in train.py is line 2"):
         edits.apply(text, [("b = 22\n", "b = 3\n")])
+    draft = "<think>maybe\nDESCRIPTION: draft\n<<<<<<< SEARCH\nb = 2\n=======\nb = 9\n>>>>>>> REPLACE\n</think>\n"
+    p = edits.parse(draft + "DESCRIPTION: final\n<<<<<<< SEARCH\na = 1\n=======\na = 7\n>>>>>>> REPLACE\n")
+    assert p.description == "final" and p.blocks == [("a = 1\n", "a = 7\n")]  # the thinking's draft is ignored
     with pytest.raises(edits.EditError, match="not closed"):
         edits.parse("DESCRIPTION: x\n<<<<<<< SEARCH\na\n=======\nb\n")
     with pytest.raises(edits.EditError, match="DESCRIPTION"):
