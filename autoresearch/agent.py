@@ -278,7 +278,7 @@ class Model:
 class Agent:
     def __init__(self, root, branch, cfg, model, state):
         self.root, self.branch, self.cfg, self.model, self.state = root, branch, cfg, model, state
-        self.done = 0  # experiments started by this session
+        self.done = 0  # experiments run (or submitted) by this session
 
     # --- what the ledger says
     def records(self):
@@ -304,8 +304,6 @@ class Agent:
         if self.cfg.max_tokens and s.get("tokens", 0) >= self.cfg.max_tokens:
             raise Stop(0, f"token cap reached ({s['tokens']} >= --max-tokens {self.cfg.max_tokens})")
         if self.cfg.max_cost is not None:
-            if s.get("requests") and s.get("cost") is None:
-                raise Stop(2, "--max-cost: the API reports no cost; pass --price IN OUT (USD per million tokens)")
             if (s.get("cost") or 0) >= self.cfg.max_cost:
                 raise Stop(0, f"cost cap reached (${s['cost']:.4f} >= --max-cost {self.cfg.max_cost:g})")
 
@@ -318,6 +316,8 @@ class Agent:
         elif s["requests"] == 1:
             s["cost"] = None
         self.state.save(session=s)
+        if self.cfg.max_cost is not None and s.get("cost") is None:
+            raise Stop(2, "--max-cost: the API reports no cost; pass --price IN OUT (USD per million tokens)")
 
     # --- asking for an edit
     def propose(self, guidance=None, pending=()):
@@ -379,18 +379,19 @@ class Agent:
         """Write the edit to train.py and run (or submit) it; the pending note lets a restart finish the job."""
         self.state.save(pending={"content_hash": text_hash(text), "description": description})
         write_train(self.root, text)
-        self.done += 1
         if self.cfg.workers:
             from autoresearch import parallel
             self.state.doing(f"submitting {description!r}")
             parallel.submit(run_options(self.cfg, description), self.cfg.address, self.cfg.workers)
             self.state.save(pending=None)
+            self.done += 1
             log_event(self.root, "submitted", description=description)
             return
         exp = self.next_exp()
         self.state.doing(f"running experiment #{exp}: {description}")
         code, rec = run_one(run_options(self.cfg, description))
         self.after_run(code, rec)
+        self.done += 1
 
     def after_run(self, code, rec):
         if code in experiment.EXIT_SIGNAL.values() or (rec and rec["verdict"] == "interrupted"):
