@@ -1,6 +1,6 @@
 """
 The `autoresearch` command: run | noise | status | plot | rebuild-tsv, and parallel mode: submit | wait | serve |
-stop. `autoresearch <command> --help` says more.
+stop, and the headless driver: agent. `autoresearch <command> --help` says more.
 """
 
 import argparse
@@ -97,6 +97,11 @@ def cluster_options(args):
     return args.address, workers
 
 
+def _add_detach(p):
+    p.add_argument("--detach", action="store_true",
+                   help="run in the background and return at once; `autoresearch wait` prints the verdict")
+
+
 SUBMIT_HELP = """\
 Parallel mode (needs Ray: `uv sync --extra parallel`). Snapshot train.py as a candidate commit on top of the
 current best (at refs/autoresearch/candidates/<id>; the branch does not move), restore train.py to the best and
@@ -137,7 +142,8 @@ def _add_cluster_options(p):
 def build_parser():
     parser = Parser(prog="autoresearch", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{run,noise,status,plot,rebuild-tsv,submit,wait,serve,stop}")
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{run,noise,status,plot,rebuild-tsv,submit,wait,serve,stop,agent}")
 
     for name, summary, text in (("run", "run one experiment: commit, train, judge, keep or revert", RUN_HELP),
                                 ("submit", "queue train.py as a candidate for parallel workers, return at once",
@@ -156,12 +162,15 @@ def build_parser():
                             "it has not run with, joins its pool")
         if name == "submit":
             _add_cluster_options(p)
+        else:
+            _add_detach(p)
 
     p = sub.add_parser("noise", help="measure run-to-run noise of val_bpb on the current commit",
                        description=NOISE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--runs", type=checked(integer=True, low=1, low_ok=True), default=NOISE_RUNS,
                    help="runs (default %(default)s)")
     _add_run_options(p)
+    _add_detach(p)
 
     p = sub.add_parser("status", help="best, baseline, noise, keep rate, pace, recent experiments",
                        description="Summary of the current branch's experiments, from the ledger (read-only).")
@@ -192,8 +201,16 @@ def build_parser():
                    help="stop after this many seconds with an empty queue "
                         f"(default: $AUTORESEARCH_IDLE, else {serve.IDLE_SECONDS:g})")
 
-    sub.add_parser("stop", help="stop the parallel-mode coordinator", description=(
-        "Stop `autoresearch serve` (SIGTERM): running candidates go back to the queue and run again next time."))
+    sub.add_parser("stop", help="stop the parallel-mode coordinator or a detached run", description=(
+        "Stop `autoresearch serve` (SIGTERM): running candidates go back to the queue and run again next time. "
+        "A run started with --detach is interrupted instead (like Ctrl-C); `wait` then prints what happened."))
+
+    from autoresearch import agent
+    p = sub.add_parser("agent", help="the experiment loop driven by any OpenAI-compatible model, unattended",
+                       description=agent.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    agent.add_arguments(p)
+    _add_run_options(p)
+    _add_cluster_options(p)
     return parser
 
 
@@ -204,6 +221,22 @@ def main(argv=None):
         parser.print_help()
         return EXIT_REFUSED
     try:
+        if getattr(args, "detach", False):
+            from autoresearch import detach
+            raw = list(sys.argv[1:] if argv is None else argv)
+            return detach.start([a for a in raw if a != "--detach"])
+        if args.command in ("wait", "stop"):
+            from autoresearch import detach
+            root = gitops.repo_root()
+            if args.command == "wait" and detach.current(root):
+                return detach.wait(root, args.timeout)
+            if args.command == "wait" and detach.nothing_to_wait_for(root):
+                return experiment.EXIT_OK
+            if args.command == "stop" and detach.stop(root):
+                return experiment.EXIT_OK
+        if args.command == "agent":
+            from autoresearch import agent
+            return agent.run_agent(agent.from_args(args))
         if args.command in ("wait", "serve", "stop"):
             from autoresearch import parallel
             if args.command == "wait":

@@ -76,7 +76,8 @@ def render(root, branch, n_last=LAST_RUNS):
         out.append("no experiments on this branch yet: run the baseline with `autoresearch run -m baseline`.")
         if others:
             out.append("branches with experiments: " + ", ".join(others))
-        return "\n".join(out)
+        from autoresearch import agent
+        return "\n".join(out + agent.status_lines(root))
     b, base = s["best_record"], s["baseline_record"]
     if b:
         out.append(f"best:            {_fmt(s['best'])} ({_runs(s['best_runs'])})  {short(b['commit'])}  "
@@ -108,6 +109,8 @@ def render(root, branch, n_last=LAST_RUNS):
     if gitops.head(root) and gitops.train_changed(root):
         out.append("train.py:        modified, not yet run")
     out += parallel_lines(root)
+    from autoresearch import agent
+    out += agent.status_lines(root)
     out.append(f"last {min(n_last, len(s['last']))} experiments (val_bpb: the pooled mean, as in results.tsv):")
     out.append(f"  {'#':>4}  {'commit':7}  {'val_bpb':>9}  {'runs':>4}  {'steps':>5}  {'tok/s':>9}  {'status':11}  "
                "description")
