@@ -22,8 +22,8 @@ import signal
 import time
 from dataclasses import dataclass
 
-from autoresearch import context, edits, experiment, gate, gitops, ledger, runner
-from autoresearch.gitops import Refusal, short
+from autoresearch import common, context, edits, experiment, gate, gitops, ledger, runner
+from autoresearch.common import Refusal, short
 
 HELP = """\
 Run the experiment loop unattended with any OpenAI-compatible chat model (OpenAI, OpenRouter, vLLM, Ollama,
@@ -76,13 +76,13 @@ class Config:
     request_timeout: float = REQUEST_TIMEOUT
     temperature: float = None
     tools: bool = False
-    noise_runs: int = experiment.NOISE_RUNS
+    noise_runs: int = common.NOISE_RUNS
     workers: int = None           # parallel mode when set
     address: str = None
-    seed: int = experiment.DEFAULT_SEED
-    budget: float = runner.DEFAULT_BUDGET
+    seed: int = common.DEFAULT_SEED
+    budget: float = common.DEFAULT_BUDGET
     timeout: float = None
-    confirm: int = gate.CONFIRM_SEEDS
+    confirm: int = common.CONFIRM_SEEDS
 
 
 def now_iso():
@@ -90,7 +90,7 @@ def now_iso():
 
 
 def say(*lines):
-    experiment.say(*(f"agent: {line}" for line in lines))
+    common.say(*(f"agent: {line}" for line in lines))
 
 
 def text_hash(text):
@@ -111,7 +111,7 @@ def write_train(root, text):
 # the one narrow way into the harness
 
 def run_options(cfg, description, **extra):
-    return experiment.Options(description=description, seed=cfg.seed, budget=cfg.budget, timeout=cfg.timeout,
+    return common.Options(description=description, seed=cfg.seed, budget=cfg.budget, timeout=cfg.timeout,
                               confirm=cfg.confirm, **extra)
 
 
@@ -394,7 +394,7 @@ class Agent:
         self.done += 1
 
     def after_run(self, code, rec):
-        if code in experiment.EXIT_SIGNAL.values() or (rec and rec["verdict"] == "interrupted"):
+        if code in common.EXIT_SIGNAL.values() or (rec and rec["verdict"] == "interrupted"):
             raise Stop(code or 130, "interrupted during an experiment; its edit is kept in train.py and runs "
                                     "again when the agent starts again")
         self.state.save(pending=None)
@@ -459,9 +459,9 @@ class Agent:
         say(f"no noise estimate on this branch yet: running the best train.py {self.cfg.noise_runs} more times")
         self.state.doing("measuring noise")
         code = experiment.run_noise(run_options(self.cfg, "", runs=self.cfg.noise_runs))
-        if code in experiment.EXIT_SIGNAL.values():
+        if code in common.EXIT_SIGNAL.values():
             raise Stop(code, "interrupted while measuring noise; it runs again when the agent starts again")
-        if code != experiment.EXIT_OK:
+        if code != common.EXIT_OK:
             raise Stop(1, f"a noise run failed; look at {runner.LOG_FILE}, then start again")
 
     def guidance(self):
@@ -502,7 +502,7 @@ class Agent:
                 raise Stop(0, f"{self.done} experiments done (--max-experiments)")
             self.state.doing(f"waiting for verdicts ({len(pending)} queued or running)")
             code = parallel.wait(False, None, self.cfg.address, self.cfg.workers)
-            if code != experiment.EXIT_OK:
+            if code != common.EXIT_OK:
                 raise Stop(code, "interrupted while waiting; the queued candidates keep running, and the agent "
                                  "picks up their verdicts when it starts again")
             records = ledger.read_ledger(self.root)
@@ -557,10 +557,10 @@ def run_agent(cfg):
         except Stop as e:
             code, reason = e.code, str(e)
         except Refusal as e:  # the harness refused a run (another command holds the repository, ...)
-            code, reason = experiment.EXIT_REFUSED, f"the harness refused: {e}"
+            code, reason = common.EXIT_REFUSED, f"the harness refused: {e}"
         except KeyboardInterrupt as e:
             name = str(e) or "SIGINT"
-            code = experiment.EXIT_SIGNAL.get(name, 130)
+            code = common.EXIT_SIGNAL.get(name, 130)
             reason = f"stopped by {name} between experiments; nothing was lost"
         finally:
             signal.signal(signal.SIGTERM, saved)
@@ -627,9 +627,9 @@ def add_arguments(p):
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the server's)")
     p.add_argument("--tools", action="store_true",
                    help="also offer a propose_edit tool (plain-text replies keep working)")
-    p.add_argument("--noise-runs", type=int, default=experiment.NOISE_RUNS,
+    p.add_argument("--noise-runs", type=int, default=common.NOISE_RUNS,
                    help="noise runs after the baseline if the branch has no estimate (0: skip) (default %(default)s)")
-    p.add_argument("--confirm", type=int, default=gate.CONFIRM_SEEDS,
+    p.add_argument("--confirm", type=int, default=common.CONFIRM_SEEDS,
                    help="extra seeds for a borderline candidate (default %(default)s)")
 
 

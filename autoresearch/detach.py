@@ -19,7 +19,7 @@ import uuid
 
 from autoresearch import candidates, gitops, ledger
 from autoresearch.experiment import EXIT_CRASH, EXIT_OK, EXIT_SIGNAL, say
-from autoresearch.gitops import Refusal
+from autoresearch.common import Refusal
 
 INFO_FILE = "detached.json"       # the latest detached command: id, pid, args, started, reported
 DONE_FILE = "detached.done.json"  # written by the background process when it ends: id, exit code
