@@ -16,8 +16,8 @@ import time
 import pytest
 
 from autoresearch import gate, runner
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "train.py")
 BRANCH = "autoresearch/test"
 

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET = "5"             # training seconds
 EVAL_TOKENS = "16384"    # a small slice of validation: the point is the plumbing, not the number
 
@@ -22,8 +22,6 @@ def git(repo, *args):
 
 @pytest.mark.slow
 def test_real_train_py_through_the_harness(tmp_path, prepared_cache):
-    if not os.path.exists(os.path.join(ROOT, "train.py")):
-        pytest.skip("train.py not written yet")
     repo = str(tmp_path / "repo")
     os.makedirs(repo)
     for name in ("train.py", "prepare.py", "fused_ops.py"):

@@ -14,8 +14,8 @@ import pytest
 import prepare
 import train
 from mlx.utils import tree_flatten, tree_unflatten
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth", "eval_tokens"]
 VOCAB = 256
@@ -52,8 +52,16 @@ def parse_summary(stdout):
 # Model
 # ---------------------------------------------------------------------------
 
-def test_importing_train_has_no_side_effects():
-    assert train.__name__ == "train" and hasattr(train, "main")
+def test_importing_train_has_no_side_effects(tmp_path):
+    """Importing train.py (as the tests and benchmarks do) prints nothing, reads no data and writes no files:
+    training starts only from main()."""
+    cache = tmp_path / "empty-cache"  # no data: a training run would fail at once
+    result = subprocess.run([sys.executable, "-c", "import train; print(train.main.__name__)"], cwd=tmp_path,
+                            env=dict(os.environ, AUTORESEARCH_CACHE=str(cache), PYTHONPATH=ROOT),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "main\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even the cache folder
 
 
 def test_output_shapes():
