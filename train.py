@@ -18,11 +18,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 # ---------------------------------------------------------------------------
-# Hyperparameters (hardware-dependent defaults come from prepare.HARDWARE)
+# Hyperparameters. A few defaults differ per backend: each such line shows all three values, and the backend
+# prepare.py detected (printed first in the run's output) picks one. Edit the value of the backend you run on.
 # ---------------------------------------------------------------------------
 
+BACKEND = HARDWARE.backend   # "cuda", "metal" or "cpu"
+
 # Model
-DEPTH = HARDWARE.depth
+DEPTH = {"cuda": 8, "metal": 4, "cpu": 2}[BACKEND]
 ASPECT_RATIO = 64            # model_dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
 HEAD_DIM = 128
 WINDOW_PATTERN = "SSSL"      # per layer, cycled: S = half the context, L = all of it; the last layer is always L
@@ -31,11 +34,14 @@ SHORT_WINDOW = "sliding"     # S layers: "sliding" (each token sees the `window`
 SLIDING_BLOCK = 512          # sliding windows attend in query blocks of this size, each against the keys in its reach
 VALUE_EMBED_GATE_CHANNELS = 32
 LOGIT_SOFTCAP = 15.0
-COMPUTE_DTYPE = getattr(mx, HARDWARE.compute_dtype)  # activations and matmuls; parameters stay float32
+# activations and matmuls; parameters stay float32. CPUs have no fast bfloat16 matmuls.
+COMPUTE_DTYPE = {"cuda": mx.bfloat16, "metal": mx.bfloat16, "cpu": mx.float32}[BACKEND]
 
 # Optimization: AdamW for embeddings, lm_head and scalars; Muon or AdamW for the block matrices
-DEVICE_BATCH_SIZE = HARDWARE.device_batch_size  # rows of MAX_SEQ_LEN per forward/backward
-TOTAL_BATCH_SIZE = HARDWARE.total_batch_size    # tokens per optimizer step
+# rows of MAX_SEQ_LEN per forward/backward, from the device's memory: cuda 32 (60 GB and more), 16 (30 GB) or 8;
+# metal 16 (32 GB) or 8; cpu 2 (twice the optimizer steps of 4 rows in 5 minutes, which learned more)
+DEVICE_BATCH_SIZE = HARDWARE.device_batch_size
+TOTAL_BATCH_SIZE = {"cuda": 2**19, "metal": 2**16, "cpu": 2**12}[BACKEND]  # tokens per optimizer step
 EMBEDDING_LR = 0.6           # token and value embeddings
 UNEMBEDDING_LR = 0.004       # lm_head
 SCALAR_LR = 0.5              # x0 lambdas (the residual lambdas get 1% of it)
