@@ -27,6 +27,7 @@ import glob
 import gzip
 import hashlib
 import importlib.metadata
+import importlib.util
 import itertools
 import json
 import math
@@ -218,11 +219,12 @@ def keep_freed_memory_in_heap():
         pass  # not glibc
 
 
-# MLX's CPU and CUDA builds ship the same mlx/lib/libmlx.so, so whichever was installed last is the one loaded.
-# `uv sync` installs the CPU build (default group `cpu`); UV_NO_GROUP=cpu keeps every later `uv run`/`uv sync`
-# from adding it back on an NVIDIA machine (measured in docs/install.md).
-CUDA_INSTALL = "export UV_NO_GROUP=cpu && uv sync --extra cuda"
-CPU_INSTALL = "uv sync"
+# MLX's CPU and CUDA builds ship the same mlx/lib/libmlx.so, so whichever was installed last is the one loaded,
+# and uninstalling either deletes the other's file too (hence --reinstall-package in the fixes). `uv sync`
+# installs the CPU build (default group `cpu`); UV_NO_GROUP=cpu keeps every later `uv run`/`uv sync` from
+# adding it back on an NVIDIA machine. Every command sequence is measured in docs/install.md.
+CUDA_INSTALL = "export UV_NO_GROUP=cpu && uv sync --extra cuda --reinstall-package mlx-cuda-13"
+CPU_INSTALL = "uv sync --reinstall-package mlx-cpu"
 NVIDIA_GPU_MARKERS = ("/proc/driver/nvidia/version", "/dev/nvidia0")
 
 
@@ -230,16 +232,22 @@ def nvidia_gpu_present():
     return any(os.path.exists(path) for path in NVIDIA_GPU_MARKERS) or shutil.which("nvidia-smi") is not None
 
 
-def mlx_build_problem(nvidia_gpu, installed, system=sys.platform):
+def mlx_library_present():
+    spec = importlib.util.find_spec("mlx")
+    folders = spec.submodule_search_locations if spec else []
+    return any(os.path.exists(os.path.join(folder, "lib", "libmlx.so")) for folder in folders)
+
+
+def mlx_build_problem(nvidia_gpu, installed, library_present=True, system=sys.platform):
     """(fatal, one line naming the fix) when the installed MLX builds don't fit this Linux machine, else None.
-    Decided from package names, before mlx is imported (importing it without a backend fails obscurely)."""
+    Decided without importing mlx (importing it without its library fails with an obscure ImportError)."""
     if system != "linux":
         return None  # macOS: plain mlx carries Metal
     cuda = "mlx-cuda-13" in installed or "mlx-cuda-12" in installed
     cpu = "mlx-cpu" in installed
     fix = CUDA_INSTALL if nvidia_gpu else CPU_INSTALL
-    if not cuda and not cpu:
-        return True, f"error: no MLX backend is installed (mlx alone has no libmlx.so on Linux). Fix: {fix}"
+    if not (cuda or cpu) or not library_present:
+        return True, f"error: MLX's library (mlx/lib/libmlx.so) is not installed. Fix: {fix}"
     if cuda and cpu:
         return False, (f"warning: MLX's CPU and CUDA builds are both installed and share one library file, so the "
                        f"last installed wins (a plain `uv run` adds the CPU build back). Fix: {fix}")
@@ -251,7 +259,7 @@ def mlx_build_problem(nvidia_gpu, installed, system=sys.platform):
 
 def check_mlx_build():
     installed = [name for name in ("mlx-cpu", "mlx-cuda-13", "mlx-cuda-12") if _installed(name)]
-    problem = mlx_build_problem(nvidia_gpu_present(), installed)
+    problem = mlx_build_problem(nvidia_gpu_present(), installed, mlx_library_present())
     if problem:
         fatal, line = problem
         print(line, file=sys.stderr)

@@ -23,6 +23,17 @@ def test_mlx_build_problem_names_the_fix(nvidia_gpu, installed, fatal, fix):
     assert line.endswith(f"Fix: {fix}") and "\n" not in line
 
 
+@pytest.mark.parametrize("nvidia_gpu, installed, fix", [(True, CUDA, prepare.CUDA_INSTALL), (False, CPU, prepare.CPU_INSTALL)])
+def test_mlx_build_problem_library_deleted_by_other_build(nvidia_gpu, installed, fix):
+    # uninstalling the CPU build after both were installed deletes the CUDA build's libmlx.so with it
+    assert prepare.mlx_build_problem(nvidia_gpu, installed, library_present=False, system="linux") == (
+        True, f"error: MLX's library (mlx/lib/libmlx.so) is not installed. Fix: {fix}")
+
+
+def test_mlx_library_present_here():
+    assert prepare.mlx_library_present()  # the test environment has a working MLX
+
+
 @pytest.mark.parametrize("nvidia_gpu, installed, system", [
     (False, CPU, "linux"),    # CPU users and CI: silent
     (True, CUDA, "linux"),
@@ -46,6 +57,7 @@ def test_nvidia_gpu_present_from_driver_file_or_nvidia_smi(tmp_path, monkeypatch
 
 def test_check_mlx_build_prints_one_line_and_exits_2_without_backend(monkeypatch, capsys):
     monkeypatch.setattr(prepare, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(prepare, "mlx_library_present", lambda: True)
     monkeypatch.setattr(prepare, "_installed", lambda dist: dist == "mlx-cpu")
     prepare.check_mlx_build()
     err = capsys.readouterr().err
@@ -65,3 +77,4 @@ def test_fix_command_matches_pyproject():
     assert any(dep.startswith("mlx[cpu]") for dep in project["dependency-groups"]["cpu"])
     assert any(dep.startswith("mlx[cuda13]") for dep in project["project"]["optional-dependencies"]["cuda"])
     assert "UV_NO_GROUP=cpu" in prepare.CUDA_INSTALL and "--extra cuda" in prepare.CUDA_INSTALL
+    assert "--reinstall-package mlx-cuda-13" in prepare.CUDA_INSTALL and "--reinstall-package mlx-cpu" in prepare.CPU_INSTALL
