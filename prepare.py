@@ -27,6 +27,7 @@ import glob
 import gzip
 import hashlib
 import importlib.metadata
+import importlib.util
 import itertools
 import json
 import math
@@ -36,6 +37,7 @@ import platform
 import queue
 import re
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -217,6 +219,55 @@ def keep_freed_memory_in_heap():
         pass  # not glibc
 
 
+# MLX's CPU and CUDA builds ship the same mlx/lib/libmlx.so, so whichever was installed last is the one loaded,
+# and uninstalling either deletes the other's file too (hence --reinstall-package in the fixes). `uv sync`
+# installs the CPU build (default group `cpu`); UV_NO_GROUP=cpu keeps every later `uv run`/`uv sync` from
+# adding it back on an NVIDIA machine. Every command sequence is measured in docs/install.md.
+CUDA_INSTALL = "export UV_NO_GROUP=cpu && uv sync --extra cuda --reinstall-package mlx-cuda-13"
+CPU_INSTALL = "uv sync --reinstall-package mlx-cpu"
+NVIDIA_GPU_MARKERS = ("/proc/driver/nvidia/version", "/dev/nvidia0")
+
+
+def nvidia_gpu_present():
+    return any(os.path.exists(path) for path in NVIDIA_GPU_MARKERS) or shutil.which("nvidia-smi") is not None
+
+
+def mlx_library_present():
+    spec = importlib.util.find_spec("mlx")
+    folders = spec.submodule_search_locations if spec else []
+    return any(os.path.exists(os.path.join(folder, "lib", "libmlx.so")) for folder in folders)
+
+
+def mlx_build_problem(nvidia_gpu, installed, library_present=True, system=sys.platform):
+    """(fatal, one line naming the fix) when the installed MLX builds don't fit this Linux machine, else None.
+    Decided without importing mlx (importing it without its library fails with an obscure ImportError)."""
+    if system != "linux":
+        return None  # macOS: plain mlx carries Metal
+    cuda = "mlx-cuda-13" in installed or "mlx-cuda-12" in installed
+    cpu = "mlx-cpu" in installed
+    fix = CUDA_INSTALL if nvidia_gpu else CPU_INSTALL
+    if not (cuda or cpu) or not library_present:
+        return True, f"error: MLX's library (mlx/lib/libmlx.so) is not installed. Fix: {fix}"
+    if cuda and cpu:
+        return False, (f"warning: MLX's CPU and CUDA builds are both installed and share one library file, so the "
+                       f"last installed wins (a plain `uv run` adds the CPU build back). Fix: {fix}")
+    if nvidia_gpu and not cuda:
+        return False, (f"warning: this machine has an NVIDIA GPU but MLX's CPU build is installed, so training runs "
+                       f"on the CPU. Fix: {fix}")
+    return None
+
+
+def check_mlx_build():
+    installed = [name for name in ("mlx-cpu", "mlx-cuda-13", "mlx-cuda-12") if _installed(name)]
+    problem = mlx_build_problem(nvidia_gpu_present(), installed, mlx_library_present())
+    if problem:
+        fatal, line = problem
+        print(line, file=sys.stderr)
+        if fatal:
+            sys.exit(2)
+
+
+check_mlx_build()
 FAST_BLAS = load_fast_cpu_blas()
 keep_freed_memory_in_heap()
 import mlx.core as mx  # noqa: E402  (after the BLAS choice above)
@@ -244,10 +295,6 @@ def _system_memory_gb():
 
 
 def detect_hardware():
-    if _installed("mlx-cpu") and not _mlx_cpu_build():
-        # both ship mlx/lib/libmlx.so: whichever was installed last wins, often silently the CPU one
-        print("warning: MLX's CPU and CUDA builds are both installed (a plain `uv run` or `uv sync` re-adds the CPU "
-              "build). Reinstall with `uv sync --extra cuda --no-group cpu` and set UV_NO_SYNC=1.", file=sys.stderr)
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     name = str(info.get("device_name", platform.processor() or "unknown"))
     mem_gb = float(info.get("memory_size") or info.get("total_memory") or 0) / 1024**3 or _system_memory_gb()
