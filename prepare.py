@@ -279,10 +279,7 @@ class Hardware:
     device_name: str
     memory_gb: float         # device memory (unified memory on Macs, system RAM on CPU)
     peak_flops: float        # dense peak of the compute dtype, for MFU
-    compute_dtype: str       # "bfloat16" where matmuls are fast in it, else "float32"
-    depth: int               # default model depth for a 5-minute run
     device_batch_size: int   # rows of MAX_SEQ_LEN per forward/backward
-    total_batch_size: int    # tokens per optimizer step (gradient accumulation makes up the rest)
     eval_tokens: int
     eval_batch_size: int
 
@@ -299,20 +296,20 @@ def detect_hardware():
     name = str(info.get("device_name", platform.processor() or "unknown"))
     mem_gb = float(info.get("memory_size") or info.get("total_memory") or 0) / 1024**3 or _system_memory_gb()
     if mx.cuda.is_available():
-        # H100 SXM: ~989 TFLOP/s dense bf16. Smaller cards get a smaller batch but the same model.
+        # H100 SXM: ~989 TFLOP/s dense bf16. Smaller cards get a smaller batch (train.py: the same model).
         peak = 989e12 if "H100" in name or "H200" in name else 300e12
         batch = 32 if mem_gb >= 60 else 16 if mem_gb >= 30 else 8
-        return Hardware("cuda", name, mem_gb, peak, "bfloat16", 8, batch, 2**19, EVAL_TOKENS, batch)
+        return Hardware("cuda", name, mem_gb, peak, batch, EVAL_TOKENS, batch)
     if mx.metal.is_available():
-        # Apple silicon: roughly 30 TFLOP/s bf16 on a Max-class GPU; depth 4 fits a 5-minute budget.
+        # Apple silicon: roughly 30 TFLOP/s bf16 on a Max-class GPU.
         batch = 16 if mem_gb >= 32 else 8
-        return Hardware("metal", name, mem_gb, 30e12, "bfloat16", 4, batch, 2**16, EVAL_TOKENS, batch)
-    # CPU: a tiny model in fp32 (bf16 matmuls have no fast CPU kernels). Peak: 32 fp32 FLOP/cycle/core at ~3 GHz.
+        return Hardware("metal", name, mem_gb, 30e12, batch, EVAL_TOKENS, batch)
+    # CPU (train.py: a tiny model in fp32). Peak: 32 fp32 FLOP/cycle/core at ~3 GHz.
     cores = os.cpu_count() or 1
     # Batches of 2 rows: twice the optimizer steps in 5 minutes, which learned more than bigger batches here.
     # Evaluation: 16 rows, ~15 s on 2 cores (2**17 tokens took 62.6 s, a fifth of the budget); what the smaller
     # evaluation costs in precision is measured in docs/evaluation.md.
-    return Hardware("cpu", name, mem_gb, cores * 32 * 3e9, "float32", 2, 2, 2**12, 2**15, 8)
+    return Hardware("cpu", name, mem_gb, cores * 32 * 3e9, 2, 2**15, 8)
 
 
 def keep_kernel_cache(hardware):
@@ -334,9 +331,8 @@ EVAL_TOKENS = int(os.environ.get("AUTORESEARCH_EVAL_TOKENS", HARDWARE.eval_token
 def describe_hardware():
     hw = HARDWARE
     blas = f", BLAS {os.path.basename(FAST_BLAS)}" if FAST_BLAS else ""
-    return (f"{hw.backend} ({hw.device_name}, {hw.memory_gb:.0f} GB{blas}) | defaults: depth {hw.depth}, "
-            f"device batch {hw.device_batch_size}, total batch {hw.total_batch_size} tokens, "
-            f"{hw.compute_dtype}, eval {EVAL_TOKENS} tokens")
+    return (f"{hw.backend} ({hw.device_name}, {hw.memory_gb:.0f} GB{blas}) | device batch {hw.device_batch_size}, "
+            f"eval {EVAL_TOKENS} tokens")
 
 
 # ---------------------------------------------------------------------------

@@ -292,7 +292,7 @@ def test_bad_settings_for_noise_and_status(repo):
 def test_run_facts_from_train_py_output():
     from autoresearch import runner
 
-    text = ("Hardware: cpu (AMD EPYC, 24 GB) | defaults: depth 2, device batch 2, total batch 4096 tokens, float32, "
+    text = ("Hardware: cpu (AMD EPYC, 24 GB) | device batch 2, "
             "eval 131072 tokens\nTime budget: 15s\nBatch: 4096 tokens per step = 1 x 2 rows x 2048\n"
             "Startup: 3.8s (data, compile, 2 untimed steps)\nEval: 6.1s\n---\nval_bpb: 2.5\ntraining_seconds: 15.2\n"
             "total_seconds: 25.3\nnum_steps: 12\ntotal_tokens_M: 0.0\n")
