@@ -216,7 +216,7 @@ def test_token_and_cost_caps(arepo):
     assert len(server.requests) == 1 and state(arepo)["session"]["cost"] > 0.001
     with ScriptedServer(script[1:]) as server:  # a cost cap needs a cost: stop before running anything
         r = run_agent(arepo, server, "--max-cost", "5")
-    assert r.returncode == 2 and "--price" in r.stdout and len(runs(arepo)) == 2, r.stdout + r.stderr
+    assert r.returncode == 2 and "--price" in r.stdout and len(runs(arepo)) == 3, r.stdout + r.stderr
 
 
 def test_ctrl_c_while_asking_the_model(arepo):
