@@ -20,7 +20,7 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from autoresearch import common, context, edits, experiment, gate, gitops, ledger, runner
 from autoresearch.common import Refusal, short
@@ -79,7 +79,7 @@ class Config:
     noise_runs: int = common.NOISE_RUNS
     workers: int = None           # parallel mode when set
     address: str = None
-    run: common.Options = None    # seed, budget, timeout, confirm: checked by cli.run_options like `run`'s
+    run: common.Options = field(default_factory=common.Options)  # seed, budget, timeout, confirm, as for `run`
 
 
 def say(*lines):
@@ -105,7 +105,7 @@ def write_train(root, text):
 
 def run_options(cfg, description, **extra):
     """The options `autoresearch run` would get from the agent's command line, for one experiment."""
-    return replace(cfg.run or common.Options(), description=description, **extra)
+    return replace(cfg.run, description=description, **extra)
 
 
 def run_one(opts):
@@ -526,8 +526,11 @@ def run_agent(cfg):
     root = gitops.repo_root()
     branch = gitops.check_branch(root)
     gitops.check_clean(root, allow_train=True)
-    ledger.read_ledger(root)
+    records = gate.branch_records(ledger.read_ledger(root), branch)
     ledger.read_results(root)
+    # settings the best kept run was not made with are refused now, not after the model's first reply
+    experiment.Judgement(records, None, cfg.run, lambda c: gitops.is_ancestor(root, c, "HEAD"), None).check_settings(
+        experiment.planned_settings(cfg.run, here=not cfg.workers), branch)
     if cfg.workers:
         from autoresearch import parallel
         parallel.need_ray()

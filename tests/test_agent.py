@@ -254,6 +254,21 @@ def test_refuses_foreign_edits_and_missing_settings(arepo):
     assert r.returncode == 2 and "--base-url" in r.stderr
 
 
+def test_run_settings_are_checked_like_run_before_the_model_is_asked(arepo):
+    assert ar(arepo, "run", "-m", "baseline", "--budget", "30").returncode == 0
+    with ScriptedServer([reply("lower BPB", "BPB = 1.0", "BPB = 0.9")]) as server:
+        other_budget = run_agent(arepo, server, "--budget", "20")
+        short_timeout = subprocess.run(agent_cmd(server, "--budget", "30"), cwd=arepo, capture_output=True,
+                                       text=True, env=agent_env(AUTORESEARCH_TIMEOUT="10"), timeout=60)
+        bad_flag = run_agent(arepo, server, "--max-experiments", "0")
+    assert other_budget.returncode == 2 and "not be comparable" in other_budget.stderr, other_budget.stderr
+    assert "budget 20" in other_budget.stderr and "git checkout -b" in other_budget.stderr
+    assert short_timeout.returncode == 2 and "must be longer than the training budget" in short_timeout.stderr
+    assert bad_flag.returncode == 2 and "--max-experiments: must be a whole number > 0" in bad_flag.stderr
+    assert server.requests == [] and [x["description"] for x in runs(arepo)] == ["baseline"]
+    assert git(arepo, "status", "--porcelain", "--untracked-files=no") == ""
+
+
 # ---------------------------------------------------------------------------
 # pieces
 
