@@ -91,13 +91,11 @@ def text_hash(text):
 
 
 def read_train(root):
-    with open(os.path.join(root, gitops.TRAIN_FILE), newline="") as f:
-        return f.read()
+    return gitops.read_train(root).decode()  # the edits work on text; bytes as they are, line endings included
 
 
 def write_train(root, text):
-    with open(os.path.join(root, gitops.TRAIN_FILE), "w", newline="") as f:
-        f.write(text)
+    gitops.write_train(root, text.encode())
 
 
 # ---------------------------------------------------------------------------
