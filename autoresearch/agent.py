@@ -20,7 +20,7 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from autoresearch import common, context, edits, experiment, gate, gitops, ledger, runner
 from autoresearch.common import Refusal, short
@@ -79,14 +79,7 @@ class Config:
     noise_runs: int = common.NOISE_RUNS
     workers: int = None           # parallel mode when set
     address: str = None
-    seed: int = common.DEFAULT_SEED
-    budget: float = common.DEFAULT_BUDGET
-    timeout: float = None
-    confirm: int = common.CONFIRM_SEEDS
-
-
-def now_iso():
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    run: common.Options = field(default_factory=common.Options)  # seed, budget, timeout, confirm, as for `run`
 
 
 def say(*lines):
@@ -98,21 +91,19 @@ def text_hash(text):
 
 
 def read_train(root):
-    with open(os.path.join(root, gitops.TRAIN_FILE), newline="") as f:
-        return f.read()
+    return gitops.read_train(root).decode()  # the edits work on text; bytes as they are, line endings included
 
 
 def write_train(root, text):
-    with open(os.path.join(root, gitops.TRAIN_FILE), "w", newline="") as f:
-        f.write(text)
+    gitops.write_train(root, text.encode())
 
 
 # ---------------------------------------------------------------------------
 # the one narrow way into the harness
 
 def run_options(cfg, description, **extra):
-    return common.Options(description=description, seed=cfg.seed, budget=cfg.budget, timeout=cfg.timeout,
-                              confirm=cfg.confirm, **extra)
+    """The options `autoresearch run` would get from the agent's command line, for one experiment."""
+    return replace(cfg.run, description=description, **extra)
 
 
 def run_one(opts):
@@ -142,7 +133,7 @@ class State:
         ledger.write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
 
     def doing(self, what):
-        self.save(doing=what, since=now_iso())
+        self.save(doing=what, since=common.now_iso())
 
 
 def read_state(root):
@@ -155,7 +146,7 @@ def read_state(root):
 
 def log_event(root, event, **fields):
     ledger.append_line(os.path.join(ledger.state_dir(root), LOG_FILE),
-                       json.dumps({"time": now_iso(), "event": event, **fields}, default=str))
+                       json.dumps({"time": common.now_iso(), "event": event, **fields}, default=str))
 
 
 class AgentLock:
@@ -533,8 +524,11 @@ def run_agent(cfg):
     root = gitops.repo_root()
     branch = gitops.check_branch(root)
     gitops.check_clean(root, allow_train=True)
-    ledger.read_ledger(root)
+    records = gate.branch_records(ledger.read_ledger(root), branch)
     ledger.read_results(root)
+    # settings the best kept run was not made with are refused now, not after the model's first reply
+    experiment.Judgement(records, None, cfg.run, lambda c: gitops.is_ancestor(root, c, "HEAD"), None).check_settings(
+        experiment.planned_settings(cfg.run, here=not cfg.workers), branch)
     if cfg.workers:
         from autoresearch import parallel
         parallel.need_ray()
@@ -542,7 +536,7 @@ def run_agent(cfg):
         state = State(root)
         model = Model(cfg, root, state)
         state.save(pid=os.getpid(), status="running", model=cfg.model, base_url=cfg.base_url, branch=branch,
-                   started=now_iso(), stopped=None, reason=None,
+                   started=common.now_iso(), stopped=None, reason=None,
                    session={"requests": 0, "tokens": 0, "cost": 0.0, "experiments": 0})
         log_event(root, "start", model=cfg.model, base_url=cfg.base_url, branch=branch,
                   config={k: v for k, v in vars(cfg).items() if k != "api_key"})
@@ -565,7 +559,7 @@ def run_agent(cfg):
         finally:
             signal.signal(signal.SIGTERM, saved)
         session = dict(state.get("session", {}), experiments=agent.done)
-        state.save(status="stopped", stopped=now_iso(), reason=reason, doing=None, since=None, session=session)
+        state.save(status="stopped", stopped=common.now_iso(), reason=reason, doing=None, since=None, session=session)
         log_event(root, "stop", code=code, reason=reason, session=session)
     cost = f", ${session['cost']:.4f}" if session.get("cost") else ""
     say(f"stopped: {reason}",
@@ -600,56 +594,53 @@ def status_lines(root):
             f"                 last session: {sess.get('experiments', 0)} experiments, {usage}"]
 
 
-def add_arguments(p):
+def add_arguments(p, checked):
+    """The agent's own flags; `checked(...)` is the CLI's checked-number type, so a bad value is refused like any
+    other setting (the run settings --seed, --budget, --timeout and the parallel ones are added by the CLI)."""
     env = os.environ.get
+    count, count0, amount = checked(integer=True), checked(integer=True, low_ok=True), checked(low_ok=True)
     p.add_argument("--base-url", default=env("OPENAI_BASE_URL"),
                    help="the chat-completions endpoint, e.g. https://api.openai.com/v1, https://openrouter.ai/api/v1, "
                         "http://localhost:8080/v1 (mlx_lm.server, llama.cpp), http://localhost:11434/v1 (Ollama) "
                         "(default: $OPENAI_BASE_URL)")
     p.add_argument("--model", default=env("AUTORESEARCH_MODEL"), help="model name (default: $AUTORESEARCH_MODEL)")
-    p.add_argument("--max-experiments", type=int, default=None,
+    p.add_argument("--max-experiments", type=count, default=None,
                    help="stop after this many experiments proposed by the model (the baseline and noise runs of the "
                         "set-up don't count)")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (this session)")
-    p.add_argument("--max-cost", type=float, default=None,
+    p.add_argument("--max-tokens", type=count, default=None, help="stop after this many tokens (this session)")
+    p.add_argument("--max-cost", type=amount, default=None,
                    help="stop after this many USD (from the API's usage.cost, else --price)")
-    p.add_argument("--price", type=float, nargs=2, metavar=("IN", "OUT"), default=None,
+    p.add_argument("--price", type=amount, nargs=2, metavar=("IN", "OUT"), default=None,
                    help="USD per million input and output tokens, to count cost when the API doesn't")
-    p.add_argument("--max-crashes", type=int, default=MAX_CRASHES,
+    p.add_argument("--max-crashes", type=count, default=MAX_CRASHES,
                    help="crashes in a row before asking for something different (twice as many: stop) "
                         "(default %(default)s)")
-    p.add_argument("--edit-retries", type=int, default=EDIT_RETRIES,
+    p.add_argument("--edit-retries", type=count, default=EDIT_RETRIES,
                    help="replies per experiment whose edit may be sent back (default %(default)s)")
-    p.add_argument("--api-retries", type=int, default=API_RETRIES,
+    p.add_argument("--api-retries", type=count0, default=API_RETRIES,
                    help="API errors, timeouts or rate limits in a row before stopping (default %(default)s)")
-    p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+    p.add_argument("--request-timeout", type=checked(), default=REQUEST_TIMEOUT,
                    help="seconds to wait for one reply (default %(default)g)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the server's)")
+    p.add_argument("--temperature", type=amount, default=None, help="sampling temperature (default: the server's)")
     p.add_argument("--tools", action="store_true",
                    help="also offer a propose_edit tool (plain-text replies keep working)")
-    p.add_argument("--noise-runs", type=int, default=common.NOISE_RUNS,
+    p.add_argument("--noise-runs", type=count0, default=common.NOISE_RUNS,
                    help="noise runs after the baseline if the branch has no estimate (0: skip) (default %(default)s)")
-    p.add_argument("--confirm", type=int, default=common.CONFIRM_SEEDS,
+    p.add_argument("--confirm", type=count0, default=common.CONFIRM_SEEDS,
                    help="extra seeds for a borderline candidate (default %(default)s)")
 
 
-def from_args(args):
+def from_args(args, run, address=None, workers=None):
+    """The agent's Config from its parsed flags, the run options `cli.run_options` checked and the parallel-mode
+    settings of `cli.cluster_options` (the same checks and defaults as `run` and `submit`)."""
     if not args.base_url:
         raise Refusal("--base-url is missing: the OpenAI-compatible endpoint, e.g. --base-url http://localhost:8080/v1")
     if not args.model:
         raise Refusal("--model is missing: the model name the endpoint serves, e.g. --model gpt-4.1")
-    for name in ("max_experiments", "max_tokens", "edit_retries", "max_crashes"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise Refusal(f"--{name.replace('_', '-')} must be at least 1")
-    if args.api_retries < 0 or args.noise_runs < 0 or args.request_timeout <= 0:
-        raise Refusal("--api-retries and --noise-runs must be >= 0, --request-timeout positive")
-    if args.budget <= 0 or (args.timeout is not None and args.timeout <= 0):
-        raise Refusal("--budget and --timeout must be positive")
     return Config(base_url=args.base_url, model=args.model, api_key=os.environ.get("OPENAI_API_KEY"),
                   max_experiments=args.max_experiments, max_tokens=args.max_tokens, max_cost=args.max_cost,
                   price=tuple(args.price) if args.price else None, max_crashes=args.max_crashes,
                   edit_retries=args.edit_retries, api_retries=args.api_retries,
                   request_timeout=args.request_timeout, temperature=args.temperature, tools=args.tools,
-                  noise_runs=args.noise_runs, workers=args.workers, address=args.address, seed=args.seed,
-                  budget=args.budget, timeout=args.timeout, confirm=args.confirm)
+                  noise_runs=args.noise_runs, workers=workers, address=address,
+                  run=replace(run, confirm=args.confirm))

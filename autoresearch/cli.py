@@ -208,7 +208,7 @@ def build_parser():
     from autoresearch import agent
     p = sub.add_parser("agent", help="the experiment loop driven by any OpenAI-compatible model, unattended",
                        description=agent.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    agent.add_arguments(p)
+    agent.add_arguments(p, checked)
     _add_run_options(p)
     _add_cluster_options(p)
     return parser
@@ -231,12 +231,12 @@ def main(argv=None):
             if args.command == "wait" and detach.current(root):
                 return detach.wait(root, args.timeout)
             if args.command == "wait" and detach.nothing_to_wait_for(root):
-                return experiment.EXIT_OK
+                return EXIT_OK
             if args.command == "stop" and detach.stop(root):
-                return experiment.EXIT_OK
+                return EXIT_OK
         if args.command == "agent":
             from autoresearch import agent
-            return agent.run_agent(agent.from_args(args))
+            return agent.run_agent(agent.from_args(args, run_options(args), *cluster_options(args)))
         if args.command in ("wait", "serve", "stop"):
             from autoresearch import parallel
             if args.command == "wait":

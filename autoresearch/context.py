@@ -8,6 +8,7 @@ the model asked to keep, and the tail of the last crash. Only train.py itself ca
 import os
 
 from autoresearch import gate, gitops, ledger
+from autoresearch.common import short
 
 PROGRAM_FILE = "program.md"
 NOTES_FILE = "notes.md"         # in .autoresearch/: ideas the model asked to remember (NOTE: lines)
@@ -112,7 +113,7 @@ def build(root, branch, last_crash=None, pending=(), guidance=None, in_history=N
 
     if best_rec:
         base = gate.reference_value(records, kept[0]["content_hash"])
-        parts.append(f"## Best so far\nval_bpb {best:.6f} (commit {gitops.short(best_rec['commit'])}: "
+        parts.append(f"## Best so far\nval_bpb {best:.6f} (commit {short(best_rec['commit'])}: "
                      f"{_desc(best_rec)}); baseline {base:.6f}; keep margin {m:.4f}. "
                      f"{len(exps)} experiments so far, {len(kept)} kept.")
         metrics = best_rec.get("metrics") or {}

@@ -18,8 +18,7 @@ import time
 import uuid
 
 from autoresearch import candidates, gitops, ledger
-from autoresearch.experiment import EXIT_CRASH, EXIT_OK, EXIT_SIGNAL, say
-from autoresearch.common import Refusal
+from autoresearch.common import EXIT_CRASH, EXIT_OK, EXIT_SIGNAL, Refusal, now_iso, say
 
 INFO_FILE = "detached.json"       # the latest detached command: id, pid, args, started, reported
 DONE_FILE = "detached.done.json"  # written by the background process when it ends: id, exit code
@@ -81,7 +80,7 @@ def start(args):
                       "`autoresearch wait` prints its verdict when it ends.")
     if current(root):
         raise Refusal("the last detached command's result has not been read yet: run `autoresearch wait` first.")
-    info = {"id": uuid.uuid4().hex[:12], "args": list(args), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    info = {"id": uuid.uuid4().hex[:12], "args": list(args), "started": now_iso(),
             "started_at": time.time(), "log": os.path.join(ledger.STATE_DIR, LOG_FILE), "reported": False}
     with open(_path(root, LOG_FILE), "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "autoresearch.detach", info["id"], *args], cwd=root,
@@ -179,7 +178,7 @@ def main(argv):
         code = cli.main(args)
     finally:
         root = gitops.repo_root()
-        _write(root, DONE_FILE, {"id": run_id, "rc": code, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        _write(root, DONE_FILE, {"id": run_id, "rc": code, "finished": now_iso()})
     return code
 
 

@@ -214,6 +214,7 @@ def test_token_and_cost_caps(arepo):
         r = run_agent(arepo, server, "--max-cost", "0.001", "--price", "1000", "1000")
     assert r.returncode == 0 and "cost cap reached" in r.stdout, r.stdout + r.stderr
     assert len(server.requests) == 1 and state(arepo)["session"]["cost"] > 0.001
+    assert [x["description"] for x in runs(arepo)][-1] == "lower BPB more"  # its one reply ran, then the cap
     with ScriptedServer(script[1:]) as server:  # a cost cap needs a cost: stop before running anything
         r = run_agent(arepo, server, "--max-cost", "5")
     assert r.returncode == 2 and "--price" in r.stdout and len(runs(arepo)) == 3, r.stdout + r.stderr
@@ -251,6 +252,21 @@ def test_refuses_foreign_edits_and_missing_settings(arepo):
     r = subprocess.run([sys.executable, "-m", "autoresearch", "agent", "--model", "m"], cwd=arepo,
                        capture_output=True, text=True, env={**agent_env(), "OPENAI_BASE_URL": ""})
     assert r.returncode == 2 and "--base-url" in r.stderr
+
+
+def test_run_settings_are_checked_like_run_before_the_model_is_asked(arepo):
+    assert ar(arepo, "run", "-m", "baseline", "--budget", "30").returncode == 0
+    with ScriptedServer([reply("lower BPB", "BPB = 1.0", "BPB = 0.9")]) as server:
+        other_budget = run_agent(arepo, server, "--budget", "20")
+        short_timeout = subprocess.run(agent_cmd(server, "--budget", "30"), cwd=arepo, capture_output=True,
+                                       text=True, env=agent_env(AUTORESEARCH_TIMEOUT="10"), timeout=60)
+        bad_flag = run_agent(arepo, server, "--max-experiments", "0")
+    assert other_budget.returncode == 2 and "not be comparable" in other_budget.stderr, other_budget.stderr
+    assert "budget 20" in other_budget.stderr and "git checkout -b" in other_budget.stderr
+    assert short_timeout.returncode == 2 and "must be longer than the training budget" in short_timeout.stderr
+    assert bad_flag.returncode == 2 and "--max-experiments: must be a whole number > 0" in bad_flag.stderr
+    assert server.requests == [] and [x["description"] for x in runs(arepo)] == ["baseline"]
+    assert git(arepo, "status", "--porcelain", "--untracked-files=no") == ""
 
 
 # ---------------------------------------------------------------------------
@@ -305,9 +321,11 @@ def test_request_size_stays_flat_over_100_experiments(tmp_path, capsys):
             messages = context.build(root, branch, crash, in_history=lambda c: True)
             sizes[n] = context.size(messages)
             assert "## Kept changes" in messages[1]["content"] and "num_steps 953" in messages[1]["content"]
+    train_chars = os.path.getsize(os.path.join(root, "train.py"))
     with capsys.disabled():
-        print(f"\nrequest size: {sizes} characters (train.py is {os.path.getsize(os.path.join(root, 'train.py'))})")
-    assert sizes[100] < 40_000
+        print(f"\nrequest size: {sizes} characters (train.py is {train_chars})")
+    # everything but train.py (rules, results, notes, crash tail) is capped; train.py itself is the model's work
+    assert sizes[100] - train_chars < 17_000
     assert abs(sizes[200] - sizes[100]) < 200  # flat: every part is capped, only numbers get longer
 
 
