@@ -20,7 +20,7 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from autoresearch import common, context, edits, experiment, gate, gitops, ledger, runner
 from autoresearch.common import Refusal, short
@@ -539,7 +539,7 @@ def run_agent(cfg):
                    started=common.now_iso(), stopped=None, reason=None,
                    session={"requests": 0, "tokens": 0, "cost": 0.0, "experiments": 0})
         log_event(root, "start", model=cfg.model, base_url=cfg.base_url, branch=branch,
-                  config={k: v for k, v in vars(cfg).items() if k != "api_key"})
+                  config={k: v for k, v in asdict(cfg).items() if k != "api_key"})
         say(f"{cfg.model} at {cfg.base_url}, branch {branch}"
             + (f", {cfg.workers} workers" if cfg.workers else "")
             + (f", at most {cfg.max_experiments} experiments" if cfg.max_experiments else ", until stopped")
