@@ -409,8 +409,8 @@ def download_data(num_shards, workers=8, base_url=None, retries=5, backoff=2.0):
         detail = "\n".join(f"  shard {i}: {err}" for i, err in sorted(failed.items()))
         raise PrepareError(
             f"{len(failed)} shard(s) failed to download after retries:\n{detail}\n"
-            "Without internet, use the bundled corpus: uv run prepare.py --source sample "
-            "(or your own text: --source PATH).")
+            f"Without internet, use the bundled corpus: uv run prepare.py --source sample --cache-dir "
+            f"{shlex.quote(cache_dir())} (or your own text: --source PATH).")  # the same cache, not the default one
     claim_data_source(source)
 
 # ---------------------------------------------------------------------------

@@ -243,7 +243,11 @@ def run_experiment(opts):
         say(f"experiment #{j.exp_id} on {s.branch}: commit {short(candidate)} {opts.description!r}, seed {seeds[0]}",
             "  best so far: " + (f"{j.best:.6f} ({short(j.best_rec['commit'])}, mean of {j.n_best} run{'s' * (j.n_best != 1)})"
                                  if j.best_rec else "none (this run is the baseline)")
-            + f", margin {j.margin:.4f} [{j.margin_how}], timeout {opts.hard_timeout():.0f} s, log in {runner.LOG_FILE}")
+            + f", margin {j.margin:.4f} [{j.margin_how}]"
+            # the best is a pooled mean: the verdict's bar for one run against it is not the margin itself
+            + (f", bar {gate.bar(j.margin, 1, j.n_best):.4f} for 1 run vs the best's {j.n_best}"
+               if j.best_rec and j.n_best != 1 else "")
+            + f", timeout {opts.hard_timeout():.0f} s, log in {runner.LOG_FILE}")
 
         with StopSignals() as stop:
             started = now_iso()

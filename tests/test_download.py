@@ -133,7 +133,7 @@ def test_command_line_without_network_names_the_sample_option(tmp_path):
     code = "import sys, prepare; prepare.download_shard.__defaults__ = (1, 0, 5); sys.exit(prepare.main(['--num-shards', '1']))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             env={**env, "AUTORESEARCH_CACHE": str(tmp_path)})
-    assert result.returncode == 1 and "--source sample" in result.stderr
+    assert result.returncode == 1 and f"--source sample --cache-dir {tmp_path} " in result.stderr  # this cache
     assert not glob.glob(str(tmp_path / "data" / "*.parquet"))
 
 

@@ -101,6 +101,16 @@ def test_verdicts_and_noise_show_steps_and_tok_s_and_warn_on_a_change(repo):
     assert runs(repo)[-1]["tok_per_sec"] == 700 and runs(repo)[-1]["warnings"]
 
 
+def test_the_header_shows_the_bar_the_verdict_will_use_against_a_pooled_best(repo):
+    baseline(repo)
+    assert ar(repo, "noise", "-n", "2").returncode == 0  # the best is now a mean of 3 runs
+    edit(repo, BPB=1.5)
+    r = ar(repo, "run", "-m", "worse")
+    reason = next(line for line in r.stdout.splitlines() if line.startswith("reason:"))
+    bar = reason.rsplit("bar ", 1)[1].rstrip(")")
+    assert f"bar {bar} for 1 run vs the best's 3" in r.stdout.split("---")[0], r.stdout
+
+
 def test_start_up_far_above_the_baseline_is_flagged(repo):
     baseline(repo)  # start-up 1 s
     edit(repo, BPB=1.5, STARTUP=20.0)  # 20x, but only 19 s more: compilation of a bigger model, say
