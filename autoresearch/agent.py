@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 from autoresearch import common, context, edits, experiment, gate, gitops, ledger, runner
-from autoresearch.common import Refusal, short
+from autoresearch.common import Refusal
 
 HELP = """\
 Run the experiment loop unattended with any OpenAI-compatible chat model (OpenAI, OpenRouter, vLLM, Ollama,
@@ -137,11 +137,7 @@ class State:
 
 
 def read_state(root):
-    try:
-        with open(os.path.join(root, ledger.STATE_DIR, STATE_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return ledger.read_state_file(root, STATE_FILE)
 
 
 def log_event(root, event, **fields):

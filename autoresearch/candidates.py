@@ -49,11 +49,7 @@ def submit_lock(root):
 
 def read_serve_state(root):
     """serve.json as written by the coordinator, or None."""
-    try:
-        with open(os.path.join(root, ledger.STATE_DIR, SERVE_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return ledger.read_state_file(root, SERVE_FILE)
 
 
 def finished_ids(records):

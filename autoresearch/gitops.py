@@ -8,7 +8,7 @@ import os
 import re
 import subprocess
 
-from autoresearch.common import Refusal, short  # noqa: F401 (short: re-exported for callers of gitops)
+from autoresearch.common import Refusal
 
 TRAIN_FILE = "train.py"
 BRANCH_PATTERN = re.compile(r"^autoresearch/[A-Za-z0-9._-]+$")

@@ -32,6 +32,16 @@ def state_dir(root):
     return path
 
 
+def read_state_file(root, name):
+    """A JSON file under .autoresearch/ that a process rewrites atomically (serve.json, agent.json), or None if
+    it is absent or unreadable: it only reports what that process is doing."""
+    try:
+        with open(os.path.join(root, STATE_DIR, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def append_line(path, line):
     """Append-only write: one write() of a whole line, then fsync, so a crash can't leave half a record."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

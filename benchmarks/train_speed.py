@@ -14,7 +14,6 @@ Each config is train.py with some constants replaced (by name, in a temporary co
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
