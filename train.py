@@ -346,6 +346,10 @@ POLAR_EXPRESS_COEFFICIENTS = [
 ]
 
 
+def frobenius_norm(x):
+    return mx.sqrt(mx.sum(mx.square(x)))
+
+
 def orthogonalize(g):
     """The nearest semi-orthogonal matrix to g, approximately (Muon's update direction): singular values land
     near 1, directions are kept. Iterates on the smaller Gram matrix, in the compute dtype."""
@@ -353,7 +357,7 @@ def orthogonalize(g):
     tall = x.shape[0] > x.shape[1]
     x = x.T if tall else x
     # Frobenius norm >= spectral norm; the 2 % margin keeps bf16 rounding from pushing a singular value past 1
-    x = x / (1.02 * mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)))) + 1e-6).astype(x.dtype)
+    x = x / (1.02 * frobenius_norm(x.astype(mx.float32)) + 1e-6).astype(x.dtype)
     for a, b, c in POLAR_EXPRESS_COEFFICIENTS:
         gram = x @ x.T
         x = a * x + (b * gram + c * (gram @ gram)) @ x
@@ -401,8 +405,7 @@ class MuonAdamW:
                 v = MUON_BETA2 * v + (1 - MUON_BETA2) * mx.mean(mx.square(update), axis=1 if rows >= cols else 0,
                                                                 keepdims=True)
                 scaled = update * mx.rsqrt(mx.maximum(v, 1e-10))
-                norm = lambda x: mx.sqrt(mx.sum(mx.square(x)))
-                update = scaled * (norm(update) / mx.maximum(norm(scaled), 1e-10))
+                update = scaled * (frobenius_norm(update) / mx.maximum(frobenius_norm(scaled), 1e-10))
                 decay = weight_decay * wd_multiplier * (update * p >= 0)  # cautious: only where both agree in sign
                 lr = lr * max(1.0, rows / cols) ** 0.5
             else:
