@@ -363,3 +363,14 @@ def test_cuda_kernel_cache_lives_beside_the_data(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", "/somewhere/else")
     prepare.keep_kernel_cache(gpu)
     assert os.environ["MLX_PTX_CACHE_DIR"] == "/somewhere/else"  # the user's choice stands
+
+# --- layout: the modules prepare.py builds on ------------------------------------------
+
+
+def test_modules_beside_prepare_import_neither_it_nor_mlx():
+    # imports read bottom-up (no cycle), and prepare.py can import them before it picks the CPU BLAS for MLX
+    code = ("import sys, data_cache, local_corpus, token_shards\n"
+            "print(sorted(name for name in ('prepare', 'mlx', 'mlx.core') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
