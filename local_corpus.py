@@ -22,6 +22,7 @@ SAMPLE_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
 LOCAL_VAL_EVERY = 10                  # every 10th document is held out for validation...
 LOCAL_VAL_MAX_CHARS = 20_000_000      # ...until the validation shard holds this much text
 LOCAL_SHARD_CHARS = 250_000_000       # text per training shard
+
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
 # Folders (source trees included): every other file is one document, unless it is skipped for a reason below.
 # The cap keeps out generated data: in the Linux 6.12 tree, the 321 files over 256 KB (0.4 % of its files) are
