@@ -1,7 +1,11 @@
 """
-Data, tokenizer, dataloader, the fixed metric and the hardware profile for autoresearch-mlx.
-Run once before training; train.py imports its runtime half. Never edited by the agent (nor is fused_ops.py,
-the ops train.py imports beside it).
+Constants, the climbmix download, tokenizer, dataloader, the fixed metric and the hardware profile for
+autoresearch-mlx. Run once before training; train.py imports its runtime half. The rest lives in fixed modules
+beside it, which import nothing from here (none is ever edited by the agent, nor is this file):
+    data_cache.py      the cache directory's layout, which corpus it holds, PrepareError
+    local_corpus.py    --source: your own file or folder split into training and validation shards
+    token_shards.py    both splits tokenized once, the manifest that checks them, memory-mapped reading
+    fused_ops.py       the ops train.py imports (CUDA kernels on NVIDIA, MLX ops elsewhere)
 
 Usage:
     uv run prepare.py                     # download climbmix shards, train the tokenizer, tokenize once
@@ -19,19 +23,13 @@ Everything lives in the cache directory (default ~/.cache/autoresearch); docs/da
 
 import argparse
 import base64
-import collections
 import ctypes
 import ctypes.util
-import errno
 import glob
-import gzip
-import hashlib
 import importlib.metadata
 import importlib.util
-import itertools
 import json
 import math
-import multiprocessing
 import os
 import platform
 import queue
@@ -47,8 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
+
+from data_cache import (DEFAULT_CACHE_DIR, VAL_SHARD, PrepareError, cache_dir, check_data_source, check_parquet,
+                        claim_data_source, clear_cache, data_dir, data_source, describe_write_error,
+                        discard_unclaimed_shards, list_shards, prepare_command, shard_path, tokenizer_dir,
+                        tokens_dir, write_atomic)
+from local_corpus import import_local_corpus
+from token_shards import TOKEN_DTYPE, check_token_shards, open_token_split, tokenize_corpus
 
 # ---------------------------------------------------------------------------
 # Constants (fixed: the metric depends on them)
@@ -60,11 +64,7 @@ EVAL_TOKENS = 3 * 524288    # validation tokens for val_bpb (fewer on CPU: evalu
 VOCAB_SIZE = 8192           # BPE vocabulary, special tokens included
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
-MAX_SHARD = 6542                      # the last climbmix shard is shard_06542.parquet
-VAL_SHARD = MAX_SHARD                 # pinned validation shard
-VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
-SAMPLE_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample.jsonl.gz")
+MAX_SHARD = VAL_SHARD                 # the last climbmix shard (shard_06542.parquet) is the pinned validation shard
 
 # GPT-4 style split, with numbers split into 1-2 digit groups (a small vocab wastes fewer slots on numbers)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -73,42 +73,15 @@ SPECIAL_TOKENS = [BOS_TOKEN]
 
 TOKENIZER_MAX_CHARS = 2_000_000_000   # text used to train the tokenizer
 TOKENIZER_DOC_CAP = 10_000            # chars taken from any one document for tokenizer training
-LOCAL_VAL_EVERY = 10                  # local corpora: every 10th document is held out for validation...
-LOCAL_VAL_MAX_CHARS = 20_000_000      # ...until the validation shard holds this much text
-LOCAL_SHARD_CHARS = 250_000_000       # local corpora: text per training shard
 LOADER_PREFETCH = 4                   # batches packed ahead by the dataloader's background thread
 EVAL_CHUNK_TOKENS = 32 * MAX_SEQ_LEN  # tokens per model call in evaluate_bpb: bounds the logits' memory
+assert VOCAB_SIZE <= np.iinfo(TOKEN_DTYPE).max + 1  # every token id fits the token shards' dtype
 
 # Tests and smoke runs only: shorten the experiment without editing this file (the run prints what it used).
 TIME_BUDGET = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", TIME_BUDGET))
 SEED = int(os.environ.get("AUTORESEARCH_SEED", 42))  # the harness varies it to measure noise
 if TIME_BUDGET <= 0:
     sys.exit(f"AUTORESEARCH_TIME_BUDGET must be a positive number of seconds, got {TIME_BUDGET}")
-
-
-class PrepareError(Exception):
-    """A problem the user can fix (bad input, missing data); printed without a traceback."""
-
-
-def describe_write_error(e, folder):
-    """One line for an OSError met while writing under `folder`: what happened and how to fix it."""
-    code = e.errno
-    if code is None:  # pyarrow puts the errno in its message only
-        found = re.search(r"errno (\d+)", str(e), flags=re.IGNORECASE)
-        code = int(found.group(1)) if found else None
-    where = "--cache-dir (or AUTORESEARCH_CACHE)"
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        hint = f"The disk is full: free some space and rerun, or use another disk through {where}."
-    elif code == errno.EROFS:
-        hint = f"The disk is read-only: use a writable folder through {where}."
-    elif code in (errno.EACCES, errno.EPERM):
-        hint = f"No permission to write there: use a folder you own through {where}."
-    elif code in (errno.ENOTDIR, errno.EEXIST):
-        hint = f"{folder} or a folder above it is a file: name a folder (created if missing) through {where}."
-    else:
-        hint = f"Check the disk, or use another folder through {where}."
-    reason = os.strerror(code) if code else str(e)
-    return f"cannot write to {e.filename or folder}: {reason}. {hint}"
 
 
 def _report_prepare_error(exc_type, exc, tb, default_hook=sys.excepthook):
@@ -121,28 +94,6 @@ def _report_prepare_error(exc_type, exc, tb, default_hook=sys.excepthook):
 
 sys.excepthook = _report_prepare_error
 
-
-def cache_dir():
-    return os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE") or DEFAULT_CACHE_DIR)
-
-
-def data_dir():
-    return os.path.join(cache_dir(), "data")
-
-
-def tokenizer_dir():
-    return os.path.join(cache_dir(), "tokenizer")
-
-
-def write_atomic(path, write_fn):
-    """Write through a temp file and rename, so a crash never leaves a partial file under `path`."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 # ---------------------------------------------------------------------------
 # Hardware profile: every hardware-specific choice lives here
@@ -339,20 +290,6 @@ def describe_hardware():
 # Data: download climbmix shards
 # ---------------------------------------------------------------------------
 
-def shard_path(index):
-    return os.path.join(data_dir(), f"shard_{index:05d}.parquet")
-
-
-def check_parquet(path):
-    """Raise if `path` is not a readable parquet file with a text column (truncated downloads fail here)."""
-    try:
-        schema = pq.read_schema(path)
-    except Exception as e:
-        raise PrepareError(f"{path} is not a valid parquet file ({e}). Delete it and rerun prepare.py.") from e
-    if "text" not in schema.names:
-        raise PrepareError(f"{path} has no 'text' column (columns: {schema.names})")
-
-
 def download_shard(index, base_url, retries=5, backoff=2.0, timeout=60):
     """Download one shard unless it is already complete. Returns None on success, else the last error."""
     import requests
@@ -412,242 +349,6 @@ def download_data(num_shards, workers=8, base_url=None, retries=5, backoff=2.0):
             f"Without internet, use the bundled corpus: uv run prepare.py --source sample --cache-dir "
             f"{shlex.quote(cache_dir())} (or your own text: --source PATH).")  # the same cache, not the default one
     claim_data_source(source)
-
-# ---------------------------------------------------------------------------
-# Data: a local corpus written in the same shard layout
-# ---------------------------------------------------------------------------
-
-CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
-# Folders (source trees included): every other file is one document, unless it is skipped for a reason below.
-# The cap keeps out generated data: in the Linux 6.12 tree, the 321 files over 256 KB (0.4 % of its files) are
-# mostly AMD GPU register headers and hold 35 % of its bytes; packing uses at most a row (~8 KB) of any document.
-MAX_FILE_BYTES = 256 * 1024
-SKIPPED_FOLDERS = {".git", ".hg", ".svn", ".bzr", "CVS", "__pycache__", "node_modules", ".venv", ".tox",
-                   ".mypy_cache", ".pytest_cache", ".ipynb_checkpoints"}
-NAMED_SKIPS = 5  # skipped files named in prepare.py's output, per reason
-
-
-def _open_text(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8", errors="strict")
-
-
-def _txt_documents(text):
-    return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
-
-
-def read_documents(path, skipped=None):
-    """Yield the documents of a .txt (blank-line separated), .jsonl ("text" field) or .parquet ("text" column)
-    file, or of a folder: its files in sorted order of their relative paths, those formats read as such and any
-    other text file as one document. Folder files that are binary, not UTF-8, symlinks or over MAX_FILE_BYTES,
-    and SKIPPED_FOLDERS, are left out and recorded in `skipped` (reason -> relative paths)."""
-    if os.path.isdir(path):
-        skipped = {} if skipped is None else skipped
-        files = folder_files(path, skipped)
-        with ThreadPoolExecutor(max_workers=4) as pool:  # reads ahead while the caller hashes and writes
-            for i in range(0, len(files), 256):
-                chunk = files[i:i + 256]
-                for rel, text in zip(chunk, pool.map(lambda rel: _read_folder_file(path, rel), chunk)):
-                    if isinstance(text, str):
-                        yield from (_txt_documents(text) if rel.endswith(".txt") else [text] if text.strip() else [])
-                    elif text is None:
-                        yield from read_documents(os.path.join(path, rel))  # a corpus file: read as such
-                    else:
-                        skipped.setdefault(text[0], []).append(rel)
-        return
-    if not os.path.exists(path):
-        raise PrepareError(f"corpus not found: {path}")
-    try:
-        if path.endswith(".parquet"):
-            check_parquet(path)
-            for batch in pq.ParquetFile(path).iter_batches(columns=["text"]):
-                yield from (t for t in batch.column(0).to_pylist() if t)
-        elif path.endswith((".jsonl", ".jsonl.gz")):
-            with _open_text(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise PrepareError(f"{path}:{lineno}: expected a JSON object with a \"text\" field ({e})") from e
-                    if not isinstance(text, str):
-                        raise PrepareError(f"{path}:{lineno}: \"text\" must be a string")
-                    if text.strip():
-                        yield text
-        elif path.endswith((".txt", ".txt.gz")):
-            with _open_text(path) as f:
-                yield from _txt_documents(f.read())
-        else:
-            raise PrepareError(f"unsupported corpus file {path}: use one of {', '.join(CORPUS_SUFFIXES)}, "
-                               "or a folder of text files")
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{path} is not UTF-8 text ({e}). Convert it, e.g. iconv -t UTF-8.") from e
-    except (OSError, EOFError) as e:
-        raise PrepareError(f"cannot read {path}: {e}") from e
-
-
-def folder_files(folder, skipped):
-    """Sorted relative paths of the regular files under `folder` worth reading; what is left out goes to `skipped`."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):  # never enters symlinked folders
-        rel_dir = os.path.relpath(dirpath, folder)
-        for name in sorted(dirnames):
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            if name in SKIPPED_FOLDERS:
-                skipped.setdefault("VCS/tooling folders", []).append(rel + "/")
-                dirnames.remove(name)
-            elif os.path.islink(os.path.join(dirpath, name)):
-                skipped.setdefault("symlinks", []).append(rel)
-        for name in filenames:
-            rel, full = os.path.normpath(os.path.join(rel_dir, name)), os.path.join(dirpath, name)
-            if os.path.islink(full):
-                skipped.setdefault("symlinks", []).append(rel)
-            elif not os.path.isfile(full):
-                skipped.setdefault("not regular files", []).append(rel)
-            elif not name.endswith(CORPUS_SUFFIXES) and os.path.getsize(full) > MAX_FILE_BYTES:
-                skipped.setdefault(f"over {MAX_FILE_BYTES // 1024} KB", []).append(rel)
-            else:
-                found.append(rel)
-    return sorted(found, key=lambda rel: rel.replace(os.sep, "/"))
-
-
-def _read_folder_file(folder, rel):
-    """The text of a folder's plain (or .txt) file, None for another corpus format, or (reason,) if skipped."""
-    if rel.endswith(CORPUS_SUFFIXES) and not rel.endswith(".txt"):
-        return None
-    try:
-        with open(os.path.join(folder, rel), "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return (f"unreadable ({e.strerror})",)
-    if b"\0" in data:
-        return ("binary (NUL bytes)",)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return ("not UTF-8",)
-
-
-def report_skipped(skipped):
-    """How many files were left out for each reason, naming the first few."""
-    if skipped:
-        print(f"Skipped {sum(map(len, skipped.values())):,} files or folders:")
-    for reason, paths in sorted(skipped.items()):
-        paths = sorted(paths)
-        more = f", ... ({len(paths) - NAMED_SKIPS:,} more)" if len(paths) > NAMED_SKIPS else ""
-        print(f"  {len(paths):,} {reason}: {', '.join(paths[:NAMED_SKIPS])}{more}")
-
-
-def _write_shard(path, docs):
-    write_atomic(path, lambda tmp: pq.write_table(pa.table({"text": docs}), tmp, row_group_size=1024))
-
-
-def import_local_corpus(source):
-    """Split a local corpus into training shards and a held-out validation shard (every
-    LOCAL_VAL_EVERY-th document, up to LOCAL_VAL_MAX_CHARS): deterministic for a given corpus."""
-    path = SAMPLE_CORPUS if source == "sample" else os.path.abspath(os.path.expanduser(source))
-    digest = hashlib.sha256()
-    train, val, val_chars, shard_chars, shard_index, n_docs = [], [], 0, 0, 0, 0
-    staged = []  # shards are written under temporary names, renamed only when the corpus read cleanly
-    skipped = {}
-    t0 = time.time()
-    os.makedirs(data_dir(), exist_ok=True)
-    try:
-        for i, doc in enumerate(read_documents(path, skipped)):
-            n_docs += 1
-            digest.update(hashlib.sha256(doc.encode("utf-8")).digest())
-            if i % LOCAL_VAL_EVERY == 0 and val_chars < LOCAL_VAL_MAX_CHARS:
-                val.append(doc)
-                val_chars += len(doc)
-                continue
-            train.append(doc)
-            shard_chars += len(doc)
-            if shard_chars >= LOCAL_SHARD_CHARS:
-                staged.append((shard_index, len(train)))  # counts only: a big corpus must not stay in memory
-                _write_shard(shard_path(shard_index) + ".staged", train)
-                train, shard_chars, shard_index = [], 0, shard_index + 1
-        if train:
-            staged.append((shard_index, len(train)))
-            _write_shard(shard_path(shard_index) + ".staged", train)
-        if not staged or not val:
-            left_out = "".join(f", {len(paths)} {reason}" for reason, paths in sorted(skipped.items()))
-            raise PrepareError(f"corpus {path} is too small: {n_docs} non-empty document(s){left_out and ' (skipped' + left_out[1:] + ')'}; "
-                               "need at least 2 (one for training, one for validation), and in practice a few MB of text")
-        claim_data_source({"source": "local", "sha256": digest.hexdigest()})  # content, not path: caches can move
-        _write_shard(shard_path(VAL_SHARD), val)
-        for index, _ in staged:
-            os.replace(shard_path(index) + ".staged", shard_path(index))
-    finally:
-        for leftover in glob.glob(os.path.join(data_dir(), "*.staged")):
-            os.remove(leftover)
-    n_train = sum(n for _, n in staged)
-    print(f"Data: {n_docs:,} documents from {path} in {time.time() - t0:.1f}s: {n_train:,} for training in "
-          f"{len(staged)} shard(s), {len(val):,} held out for validation ({val_chars:,} chars)")
-    report_skipped(skipped)
-
-
-def check_data_source(source):
-    """Refuse to mix two corpora in one cache. Returns True if the cache already holds this one."""
-    manifest = os.path.join(data_dir(), "source.json")
-    if not os.path.exists(manifest):
-        return False
-    with open(manifest) as f:
-        current = json.load(f)
-    if current != source:
-        raise PrepareError(
-            f"the cache {cache_dir()} already holds another corpus ({current}).\n"
-            "Use another --cache-dir (or AUTORESEARCH_CACHE), or rerun with --force to replace it.")
-    return True
-
-
-def claim_data_source(source):
-    """Record which corpus the cache holds, once it holds all of it; refuse to mix two corpora in one cache."""
-    if not check_data_source(source):
-        write_atomic(os.path.join(data_dir(), "source.json"), lambda tmp: Path(tmp).write_text(json.dumps(source)))
-
-
-def discard_unclaimed_shards():
-    """Shards without a source.json are what an unfinished download left (a local corpus claims the cache
-    before its shards take their final names): kept for a retry of that download, removed for another corpus."""
-    if os.path.exists(os.path.join(data_dir(), "source.json")):
-        return
-    leftovers = glob.glob(os.path.join(data_dir(), "shard_*.parquet"))
-    for path in leftovers:
-        os.remove(path)
-    if leftovers:
-        print(f"Data: removed {len(leftovers)} shard(s) left in {data_dir()} by an unfinished download")
-
-
-def clear_cache():
-    for path in glob.glob(os.path.join(data_dir(), "*")) + glob.glob(os.path.join(tokenizer_dir(), "*")):
-        os.remove(path)
-
-
-def list_shards(split):
-    """Sorted shard paths of a split; a clear error if prepare.py has not run."""
-    paths = sorted(glob.glob(os.path.join(data_dir(), "shard_*.parquet")))
-    val_path = os.path.join(data_dir(), VAL_FILENAME)
-    paths = [val_path] if split == "val" else [p for p in paths if p != val_path]
-    if not paths or not os.path.exists(paths[0]):
-        if not os.path.exists(os.path.join(data_dir(), "source.json")):
-            raise PrepareError(f"no data in {cache_dir()}. Run: uv run prepare.py --cache-dir {shlex.quote(cache_dir())} "
-                               "(or add --source sample offline)")
-        missing = f"the validation shard {VAL_FILENAME} is" if split == "val" else "the training shards are"
-        if data_source().get("source") == "local":
-            raise PrepareError(f"{missing} missing from {data_dir()}. Import the corpus again: uv run prepare.py "
-                               f"--source YOUR_CORPUS --cache-dir {shlex.quote(cache_dir())} --force")
-        raise PrepareError(f"{missing} missing from {data_dir()}. Download it again: uv run prepare.py "
-                           f"--cache-dir {shlex.quote(cache_dir())}")
-    return paths
-
-
-def data_source():
-    try:
-        with open(os.path.join(data_dir(), "source.json")) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise PrepareError(f"no data in {cache_dir()}. Run: uv run prepare.py (or --source sample offline)") from None
 
 # ---------------------------------------------------------------------------
 # Tokenizer: rustbpe training, saved in tiktoken's format
@@ -784,203 +485,6 @@ def get_token_bytes():
         return mx.array(np.load(os.path.join(tokenizer_dir(), "token_bytes.npy")).astype(np.int32))
     except (OSError, ValueError) as e:
         raise PrepareError(f"token_bytes.npy is missing or corrupt in {tokenizer_dir()} ({e}). Rerun: uv run prepare.py") from None
-
-# ---------------------------------------------------------------------------
-# Token shards: each split tokenized once by prepare.py, memory-mapped by the dataloader
-# ---------------------------------------------------------------------------
-
-TOKEN_DTYPE = np.uint16   # every id is below VOCAB_SIZE = 8192: 2 bytes a token on disk
-TOKENS_FORMAT = 1         # bump when the layout below changes: older token shards are then made again
-assert VOCAB_SIZE <= np.iinfo(TOKEN_DTYPE).max + 1
-
-# tokens/{split}.bin        the split's documents, each BOS-prefixed, back to back (TOKEN_DTYPE)
-# tokens/{split}.idx.npy    int64 offsets: document d is bin[idx[d]:idx[d + 1]]
-# tokens/manifest.json      what they were made from (tokenizer, corpus shards) and each file's size and sha256;
-#                           written last, so its presence marks complete token shards
-
-
-def tokens_dir():
-    return os.path.join(cache_dir(), "tokens")
-
-
-def prepare_command():
-    """The prepare.py command that completes this cache, keeping the data already in it."""
-    command = f"uv run prepare.py --cache-dir {shlex.quote(cache_dir())}"
-    try:
-        if data_source().get("source") == "climbmix":
-            return command.replace(" --cache-dir", f" --num-shards {len(list_shards('train'))} --cache-dir")
-    except PrepareError:
-        pass
-    return command
-
-
-def tokenizer_fingerprint():
-    """sha256 over the tokenizer's files: token shards made with any other tokenizer are refused."""
-    digest = hashlib.sha256()
-    try:
-        for name in sorted(n for n in os.listdir(tokenizer_dir()) if ".tmp-" not in n):
-            with open(os.path.join(tokenizer_dir(), name), "rb") as f:
-                digest.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
-    except OSError as e:
-        raise PrepareError(f"cannot read the tokenizer in {tokenizer_dir()} ({e}). Run: {prepare_command()}") from None
-    return digest.hexdigest()
-
-
-def split_identity(split):
-    """Name and size of every corpus shard of a split: token shards of other shards are refused."""
-    return [[os.path.basename(p), os.path.getsize(p)] for p in list_shards(split)]
-
-
-def _file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_token_shards(verify_contents=False):
-    """The token manifest, if both splits' token shards exist and match this cache's corpus and tokenizer (sizes
-    checked; contents too with `verify_contents`). Otherwise a PrepareError that names the command to run."""
-    for split in ("train", "val"):
-        list_shards(split)  # a missing split is named as such
-    rerun = f"Run: {prepare_command()}"
-    try:
-        with open(os.path.join(tokens_dir(), "manifest.json")) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise PrepareError(f"the cache {cache_dir()} has no token shards (it was prepared by an older prepare.py, or "
-                           f"tokenizing did not finish). Tokenize it once: {prepare_command()}") from None
-    except (OSError, ValueError) as e:
-        raise PrepareError(f"the token manifest in {tokens_dir()} is unreadable ({e}). {rerun}") from None
-    if manifest.get("format") != TOKENS_FORMAT or manifest.get("dtype") != np.dtype(TOKEN_DTYPE).name:
-        raise PrepareError(f"the token shards in {tokens_dir()} have an older layout. {rerun}")
-    if manifest.get("tokenizer") != tokenizer_fingerprint():
-        raise PrepareError(f"the token shards in {tokens_dir()} were made with another tokenizer. {rerun}")
-    if manifest.get("source") != data_source():
-        raise PrepareError(f"the token shards in {tokens_dir()} were made from another corpus. {rerun}")
-    for split in ("train", "val"):
-        entry, now = manifest.get("splits", {}).get(split, {}), split_identity(split)
-        if entry.get("shards") != now:
-            changed = sorted({name for name, _ in now} ^ {name for name, _ in entry.get("shards", [])}
-                             or {name for name, size in now if [name, size] not in entry.get("shards", [])})
-            raise PrepareError(f"the {split} shards in {data_dir()} changed since they were tokenized "
-                               f"({', '.join(changed)}). {rerun}")
-        for name, expected in entry.get("files", {}).items():
-            path = os.path.join(tokens_dir(), name)
-            if not os.path.exists(path) or os.path.getsize(path) != expected["bytes"]:
-                raise PrepareError(f"the token file {path} is missing or truncated. {rerun}")
-            if verify_contents and _file_sha256(path) != expected["sha256"]:
-                raise PrepareError(f"the token file {path} is corrupt (sha256 differs). {rerun}")
-    return manifest
-
-
-_worker_tokenizer = None  # each tokenizing process loads its own
-
-
-def _load_worker_tokenizer():
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer.from_directory()
-
-
-def _tokenize_row_group(unit):
-    """(concatenated BOS-prefixed tokens, document lengths) of one parquet row group, in a worker process."""
-    path, row_group = unit
-    try:
-        texts = pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column(0).to_pylist()
-    except Exception as e:  # handed to prepare.py's main process as one line
-        raise PrepareError(f"cannot read shard {path} ({type(e).__name__}: {e}). Delete it and rerun prepare.py.") from None
-    docs = _worker_tokenizer.encode(texts, prepend=_worker_tokenizer.get_bos_token_id(), num_threads=1)
-    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=TOKEN_DTYPE, count=int(lengths.sum()))
-    return tokens, lengths
-
-
-def _in_order(pool, fn, items, ahead):
-    """pool.imap with at most `ahead` results waiting: memory stays bounded when one item is slow."""
-    pending = collections.deque()
-    for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
-        if len(pending) >= ahead:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
-def _tokenize_split(split, pool, workers):
-    """Write tokens/{split}.bin and .idx.npy; returns the split's manifest entry."""
-    from tqdm import tqdm
-
-    units, n_docs = [], 0
-    for path in list_shards(split):
-        try:
-            metadata = pq.ParquetFile(path).metadata
-        except Exception as e:
-            raise PrepareError(f"cannot read shard {path} ({type(e).__name__}: {e}). Delete it and rerun prepare.py.") from None
-        units += [(path, g) for g in range(metadata.num_row_groups)]
-        n_docs += metadata.num_rows
-    bin_path, idx_path = (os.path.join(tokens_dir(), f"{split}{ext}") for ext in (".bin", ".idx.npy"))
-    unit_docs, lengths = [], [np.zeros(1, np.int64)]
-
-    def write_tokens(tmp):
-        with open(tmp, "wb") as f, tqdm(total=n_docs, desc=f"Tokenizing {split}", unit="doc", unit_scale=True) as bar:
-            for tokens, doc_lengths in _in_order(pool, _tokenize_row_group, units, ahead=2 * workers):
-                f.write(tokens.tobytes())
-                lengths.append(doc_lengths)
-                unit_docs.append(len(doc_lengths))
-                bar.update(len(doc_lengths))
-
-    def write_offsets(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, np.cumsum(np.concatenate(lengths)))
-    write_atomic(bin_path, write_tokens)
-    write_atomic(idx_path, write_offsets)
-    files = {os.path.basename(p): {"bytes": os.path.getsize(p), "sha256": _file_sha256(p)} for p in (bin_path, idx_path)}
-    return {"shards": split_identity(split), "documents": sum(unit_docs), "unit_documents": unit_docs,
-            "tokens": files[f"{split}.bin"]["bytes"] // np.dtype(TOKEN_DTYPE).itemsize, "files": files}
-
-
-def tokenize_corpus(workers=None):
-    """Tokenize both splits once into token shards (every document BOS-prefixed, as the dataloader packs them),
-    in parallel processes, unless token shards for this corpus and tokenizer are already there and intact."""
-    try:
-        manifest = check_token_shards(verify_contents=True)
-        print(f"Tokens: up to date in {tokens_dir()} ({manifest['splits']['train']['tokens']:,} train, "
-              f"{manifest['splits']['val']['tokens']:,} val)")
-        return
-    except PrepareError:
-        pass
-    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    os.makedirs(tokens_dir(), exist_ok=True)
-    manifest_path = os.path.join(tokens_dir(), "manifest.json")
-    if os.path.exists(manifest_path):
-        os.remove(manifest_path)  # from here until the new one is written, the token shards are incomplete
-    manifest = {"format": TOKENS_FORMAT, "dtype": np.dtype(TOKEN_DTYPE).name, "tokenizer": tokenizer_fingerprint(),
-                "source": data_source(), "bos": Tokenizer.from_directory().get_bos_token_id(), "splits": {}}
-    t0 = time.time()
-    # fork on Linux: workers start at once, without importing MLX again; macOS can't fork safely after Metal starts
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(workers, initializer=_load_worker_tokenizer) as pool:
-        for split in ("val", "train"):
-            manifest["splits"][split] = _tokenize_split(split, pool, workers)
-    write_atomic(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
-    n_tokens = sum(s["tokens"] for s in manifest["splits"].values())
-    n_bytes = sum(f["bytes"] for s in manifest["splits"].values() for f in s["files"].values())
-    seconds = time.time() - t0
-    print(f"Tokens: {manifest['splits']['train']['tokens']:,} train + {manifest['splits']['val']['tokens']:,} val "
-          f"in {seconds:.1f}s with {workers} process{'es' if workers > 1 else ''} ({n_tokens / seconds / 1e6:.2f} M tok/s), "
-          f"{n_bytes / 1e6:,.1f} MB in {tokens_dir()}")
-
-
-def open_token_split(split, manifest):
-    """(tokens, document offsets, first document of each row group) of a split; the tokens stay on disk."""
-    entry = manifest["splits"][split]
-    tokens = np.memmap(os.path.join(tokens_dir(), f"{split}.bin"), dtype=TOKEN_DTYPE, mode="r")
-    offsets = np.load(os.path.join(tokens_dir(), f"{split}.idx.npy"))
-    unit_starts = np.concatenate([[0], np.cumsum(entry["unit_documents"])]).astype(np.int64)
-    if len(offsets) != unit_starts[-1] + 1 or offsets[-1] != len(tokens):
-        raise PrepareError(f"the token files of the {split} split in {tokens_dir()} disagree. Run: {prepare_command()}")
-    return np.asarray(tokens), offsets, unit_starts
 
 # ---------------------------------------------------------------------------
 # Dataloader: BOS-aligned best-fit packing
@@ -1181,7 +685,7 @@ def main(argv=None):
         else:
             download_data(MAX_SHARD if args.num_shards == -1 else args.num_shards, workers=args.download_workers)
         train_tokenizer()
-        tokenize_corpus(args.tokenize_workers)
+        tokenize_corpus(Tokenizer.from_directory, args.tokenize_workers)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

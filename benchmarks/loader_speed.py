@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prepare  # noqa: E402
+from data_cache import cache_dir, list_shards  # noqa: E402
+from token_shards import check_token_shards, open_token_split  # noqa: E402
 
 OLD_TOKEN_CACHE_LIMIT = 100_000_000  # the old loader kept a split of at most this many tokens in memory
 
@@ -33,7 +35,7 @@ def on_the_fly_batches(tokenizer, split, seed, cache_limit, threads, batch_docs=
     """The old document_batches: reads and tokenizes the parquet row groups as it goes, in the same order
     (same seeded shuffles) as prepare.document_batches, so both pack the same rows."""
     units = []
-    for path in prepare.list_shards(split):
+    for path in list_shards(split):
         units += [(path, rg) for rg in range(pq.ParquetFile(path).num_row_groups)]
     bos = tokenizer.get_bos_token_id()
     cache, cached_tokens = {}, 0
@@ -59,8 +61,8 @@ def on_the_fly_batches(tokenizer, split, seed, cache_limit, threads, batch_docs=
 
 
 def token_shard_batches(split, seed):
-    manifest = prepare.check_token_shards()
-    return prepare.document_batches(*prepare.open_token_split(split, manifest), split == "train", seed)
+    manifest = check_token_shards()
+    return prepare.document_batches(*open_token_split(split, manifest), split == "train", seed)
 
 
 def measure(batches, B, T, seconds):
@@ -95,9 +97,9 @@ def main():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = args.threads or min(8, cores)
     tokenizer = prepare.Tokenizer.from_directory()
-    manifest = prepare.check_token_shards()
+    manifest = check_token_shards()
     split_tokens = manifest["splits"][args.split]["tokens"]
-    print(f"Corpus: {prepare.cache_dir()}, {args.split} split {split_tokens:,} tokens | {cores} cores | "
+    print(f"Corpus: {cache_dir()}, {args.split} split {split_tokens:,} tokens | {cores} cores | "
           f"batch {args.batch} x {args.seq} | {args.seconds:g}s per row")
     paths = {"token-shards": ("memory-mapped token shards", "-", lambda: token_shard_batches(args.split, prepare.SEED)),
              "on-the-fly": (f"tokenized on the fly (cache limit {args.cache_limit:,})", str(threads),

@@ -42,7 +42,7 @@ def make_repo(path, real, sleep):
     git(path, "config", "user.email", "bench@localhost")
     git(path, "config", "user.name", "bench")
     if real:
-        for name in ("train.py", "prepare.py", "fused_ops.py"):
+        for name in ("train.py", "prepare.py", "data_cache.py", "local_corpus.py", "token_shards.py", "fused_ops.py"):
             shutil.copy(os.path.join(ROOT, name), os.path.join(path, name))
     else:
         with open(STAND_IN) as f:

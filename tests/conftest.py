@@ -1,12 +1,36 @@
+import gzip
+import json
 import os
+import shutil
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "data", "sample.jsonl.gz")
 sys.path.insert(0, ROOT)
+
+
+def run_prepare(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *args],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def sample_docs(n=None):
+    with gzip.open(SAMPLE, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    return docs[:n] if n else docs
+
+
+def shard_texts(path):
+    return pq.read_table(path).column("text").to_pylist()
+
+
+def copy_cache(src, dst):
+    shutil.copytree(src, dst)
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import data_cache
 import prepare
 from conftest import ROOT, SAMPLE
 
@@ -60,7 +61,7 @@ def remote(tmp_path_factory):
     folder = tmp_path_factory.mktemp("remote")
     with gzip.open(SAMPLE, "rt", encoding="utf-8") as f:
         docs = [json.loads(line)["text"] for line in f]
-    for index, part in [(0, docs[0::3]), (1, docs[1::3]), (prepare.VAL_SHARD, docs[2::3])]:
+    for index, part in [(0, docs[0::3]), (1, docs[1::3]), (data_cache.VAL_SHARD, docs[2::3])]:
         pq.write_table(pa.table({"text": part}), folder / f"shard_{index:05d}.parquet")
     return str(folder)
 
@@ -84,7 +85,7 @@ def names(cache):
 
 def test_downloads_shards_and_skips_complete_files(server, cache):
     prepare.download_data(2, workers=3, base_url=server.url, backoff=0)
-    assert names(cache) == ["shard_00000.parquet", "shard_00001.parquet", prepare.VAL_FILENAME, "source.json"]
+    assert names(cache) == ["shard_00000.parquet", "shard_00001.parquet", data_cache.VAL_FILENAME, "source.json"]
     for path in glob.glob(str(cache / "data" / "*.parquet")):
         assert pq.read_table(path).num_rows > 0
     first = len(server.requests)
@@ -102,7 +103,7 @@ def test_failing_server_is_retried(server, cache):
 
 def test_broken_transfer_never_leaves_a_file_under_its_final_name(server, cache):
     server.truncate.add("shard_00001.parquet")
-    with pytest.raises(prepare.PrepareError) as err:
+    with pytest.raises(data_cache.PrepareError) as err:
         prepare.download_data(2, base_url=server.url, retries=2, backoff=0.01)
     assert "--source sample" in str(err.value) and "shard 1" in str(err.value)
     assert server.requests.count("shard_00001.parquet") == 2
@@ -113,7 +114,7 @@ def test_broken_transfer_never_leaves_a_file_under_its_final_name(server, cache)
 
 def test_gives_up_after_retries_and_names_the_offline_option(server, cache):
     server.fail["shard_00000.parquet"] = 99
-    with pytest.raises(prepare.PrepareError, match="--source sample"):
+    with pytest.raises(data_cache.PrepareError, match="--source sample"):
         prepare.download_data(1, base_url=server.url, retries=2, backoff=0.01)
     assert server.requests.count("shard_00000.parquet") == 2
 
@@ -139,14 +140,14 @@ def test_command_line_without_network_names_the_sample_option(tmp_path):
 
 def test_failed_download_leaves_the_cache_free_for_another_corpus(server, cache):
     server.fail["shard_00001.parquet"] = 99
-    with pytest.raises(prepare.PrepareError, match="--source sample"):
+    with pytest.raises(data_cache.PrepareError, match="--source sample"):
         prepare.download_data(2, base_url=server.url, retries=1, backoff=0)
     assert not os.path.exists(cache / "data" / "source.json")  # incomplete: climbmix does not claim the cache
     assert os.path.exists(cache / "data" / "shard_00000.parquet")  # kept for a retry of the same download
     # the offline option the error suggests is taken, and no climbmix shard is mixed into its data
     assert prepare.main(["--source", "sample", "--cache-dir", str(cache)]) == 0
     assert json.load(open(cache / "data" / "source.json"))["source"] == "local"
-    texts = [t for path in prepare.list_shards("train") for t in pq.read_table(path).column("text").to_pylist()]
+    texts = [t for path in data_cache.list_shards("train") for t in pq.read_table(path).column("text").to_pylist()]
     with gzip.open(SAMPLE, "rt", encoding="utf-8") as f:
         sample = {json.loads(line)["text"] for line in f}
     assert texts and set(texts) <= sample
@@ -154,7 +155,7 @@ def test_failed_download_leaves_the_cache_free_for_another_corpus(server, cache)
 
 def test_retried_download_claims_the_cache_when_complete(server, cache):
     server.fail["shard_00001.parquet"] = 1
-    with pytest.raises(prepare.PrepareError):
+    with pytest.raises(data_cache.PrepareError):
         prepare.download_data(2, base_url=server.url, retries=1, backoff=0)
     prepare.download_data(2, base_url=server.url, retries=1, backoff=0)
     assert server.requests.count("shard_00000.parquet") == 1  # the finished shard was not fetched again

@@ -24,7 +24,7 @@ def git(repo, *args):
 def test_real_train_py_through_the_harness(tmp_path, prepared_cache):
     repo = str(tmp_path / "repo")
     os.makedirs(repo)
-    for name in ("train.py", "prepare.py", "fused_ops.py"):
+    for name in ("train.py", "prepare.py", "data_cache.py", "local_corpus.py", "token_shards.py", "fused_ops.py"):
         shutil.copy(os.path.join(ROOT, name), repo)
     with open(os.path.join(repo, ".gitignore"), "w") as f:
         f.write("results.tsv\nrun.log\nprogress.png\n.autoresearch/\n__pycache__/\n")

@@ -1,9 +1,8 @@
-"""prepare.py: tokenizer, dataloader, evaluate_bpb, local corpora and bad input. Offline."""
+"""prepare.py: tokenizer, dataloader, evaluate_bpb, its command line and bad input. Offline."""
 import base64
 import dataclasses
 import errno
 import glob
-import gzip
 import json
 import math
 import os
@@ -16,23 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import data_cache
+import local_corpus
 import prepare
-from conftest import ROOT, SAMPLE
+import token_shards
+from conftest import ROOT, copy_cache, run_prepare, sample_docs, shard_texts
 
-
-def run_prepare(*args, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *args],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})
-
-
-def sample_docs(n=None):
-    with gzip.open(SAMPLE, "rt", encoding="utf-8") as f:
-        docs = [json.loads(line)["text"] for line in f]
-    return docs[:n] if n else docs
-
-
-def shard_texts(path):
-    return pq.read_table(path).column("text").to_pylist()
 
 # --- tokenizer ----------------------------------------------------------------
 
@@ -86,7 +74,7 @@ def test_dataloader_rows_are_packed_real_documents(use_cache):
     tok = prepare.Tokenizer.from_directory()
     bos = tok.get_bos_token_id()
     docs = {}
-    for ids in tok.encode(shard_texts(prepare.list_shards("train")[0]), prepend=bos):
+    for ids in tok.encode(shard_texts(data_cache.list_shards("train")[0]), prepend=bos):
         for k in (1, 2, 3):  # index by short prefixes: a cropped segment may be very short
             docs.setdefault(tuple(ids[:k]), []).append(ids)
     loader = prepare.make_dataloader(tok, 4, 512, "train")
@@ -204,10 +192,11 @@ def test_evaluate_bpb_scores_the_logits_itself(use_cache, monkeypatch, dtype):
 def small_validation_split(cache, n_docs, max_chars=None):
     """Keep only the first n_docs documents of the cache's validation shard (cut to max_chars); returns
     its token count."""
-    path = cache / "data" / prepare.VAL_FILENAME
+    path = cache / "data" / data_cache.VAL_FILENAME
     docs = [doc[:max_chars] for doc in shard_texts(path)[:n_docs]]
     pq.write_table(pa.table({"text": docs}), path)
-    prepare.tokenize_corpus(workers=1)  # the token shards follow the corpus, as after prepare.py
+    # the token shards follow the corpus, as after prepare.py
+    token_shards.tokenize_corpus(prepare.Tokenizer.from_directory, workers=1)
     return sum(len(ids) for ids in prepare.Tokenizer.from_directory().encode(docs, prepend=0))
 
 
@@ -237,38 +226,10 @@ def test_evaluate_bpb_refuses_a_split_shorter_than_a_row(tmp_path, prepared_cach
     cache = copy_cache(prepared_cache, tmp_path / "cache")
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
     assert small_validation_split(cache, 1, max_chars=2000) <= prepare.MAX_SEQ_LEN
-    with pytest.raises(prepare.PrepareError, match="validation split"):
+    with pytest.raises(data_cache.PrepareError, match="validation split"):
         prepare.evaluate_bpb(UniformModel(), prepare.Tokenizer.from_directory(), 8)
 
-# --- local corpora ---------------------------------------------------------------
-
-
-def test_local_formats_and_folder(tmp_path):
-    docs = sample_docs(300)
-    folder = tmp_path / "corpus"
-    (folder / "sub").mkdir(parents=True)
-    (folder / "a.txt").write_text("\n\n".join(docs[:100]).replace("\n\n\n", "\n \n"), encoding="utf-8")
-    with open(folder / "b.jsonl", "w") as f:
-        for d in docs[100:200]:
-            f.write(json.dumps({"text": d}) + "\n")
-    pq.write_table(pa.table({"text": docs[200:]}), folder / "sub" / "c.parquet")
-    n_txt = len(list(prepare.read_documents(str(folder / "a.txt"))))
-    all_docs = list(prepare.read_documents(str(folder)))
-    n_all = len(all_docs)
-    assert n_all == n_txt + 200
-    cache = tmp_path / "cache"
-    result = run_prepare("--source", str(folder), "--cache-dir", str(cache))
-    assert result.returncode == 0, result.stderr
-    shards = sorted(glob.glob(str(cache / "data" / "shard_*.parquet")))
-    assert os.path.basename(shards[-1]) == prepare.VAL_FILENAME
-    val = shard_texts(shards[-1])
-    train = [t for s in shards[:-1] for t in shard_texts(s)]
-    assert len(val) + len(train) == n_all
-    assert val == all_docs[::prepare.LOCAL_VAL_EVERY]  # held out: every 10th document, in order
-    # deterministic: the same corpus gives the same split
-    again = tmp_path / "again"
-    assert run_prepare("--source", str(folder), "--cache-dir", str(again)).returncode == 0
-    assert shard_texts(again / "data" / prepare.VAL_FILENAME) == val
+# --- the command line ---------------------------------------------------------
 
 
 def test_ready_message_names_the_cache(tmp_path):
@@ -282,44 +243,7 @@ def test_ready_message_names_the_cache(tmp_path):
     assert f"AUTORESEARCH_CACHE={cache}\n" in env.stdout
 
 
-def test_shared_corpus_and_cache_env(tmp_path):
-    shared = os.path.join(ROOT, "..", "shared", "data", "shakespeare.jsonl")
-    if not os.path.exists(shared):
-        pytest.skip("no ../shared corpus beside this checkout")
-    result = run_prepare("--source", shared, env={"AUTORESEARCH_CACHE": str(tmp_path)})
-    assert result.returncode == 0, result.stderr
-    assert os.path.exists(tmp_path / "tokenizer" / "tokenizer.tiktoken")
-
-
-def test_refuses_to_mix_corpora_unless_forced(tmp_path, prepared_cache):
-    one = tmp_path / "one.jsonl"
-    one.write_text("".join(json.dumps({"text": d}) + "\n" for d in sample_docs()[::-1]))
-    cache = tmp_path / "cache"
-    assert run_prepare("--source", "sample", "--cache-dir", str(cache)).returncode == 0
-    result = run_prepare("--source", str(one), "--cache-dir", str(cache))
-    assert result.returncode == 1 and "--force" in result.stderr
-    assert run_prepare("--source", str(one), "--cache-dir", str(cache), "--force").returncode == 0
-
 # --- bad input: a clear error, a non-zero exit, nothing half-written ----------------
-
-
-@pytest.mark.parametrize("name,content,message", [
-    ("empty.txt", b"", "too small"),
-    ("blank.jsonl", b"\n\n", "too small"),
-    ("latin1.txt", "caf\xe9 au lait\n\nmore text".encode("latin-1"), "not UTF-8"),
-    ("bad.jsonl", b'{"text": "ok"}\nnot json\n', "bad.jsonl:2"),
-    ("notext.jsonl", b'{"body": "x"}\n', "\"text\""),
-    ("corpus.csv", b"a,b\n", "unsupported"),
-])
-def test_bad_corpus(tmp_path, name, content, message):
-    path = tmp_path / name
-    path.write_bytes(content)
-    cache = tmp_path / "cache"
-    result = run_prepare("--source", str(path), "--cache-dir", str(cache))
-    assert result.returncode == 1
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert not glob.glob(str(cache / "data" / "*.parquet*"))
-    assert not glob.glob(str(cache / "tokenizer" / "*"))
 
 
 def test_missing_corpus_and_missing_data(tmp_path):
@@ -336,12 +260,12 @@ def test_missing_corpus_and_missing_data(tmp_path):
                                           (errno.EACCES, "No permission")])
 def test_disk_errors_are_one_line(tmp_path, monkeypatch, capsys, code, message):
     # the disk refuses a write once the shards are read: os-level errors and pyarrow's (errno in the text only)
-    real_write_atomic = prepare.write_atomic
+    real_write_atomic = local_corpus.write_atomic
 
     def refuse(tmp):
         raise OSError(code, os.strerror(code), tmp) if code != errno.ENOSPC else OSError(
             f"[Errno {code}] Error writing bytes to file. Detail: [errno {code}] {os.strerror(code)}")
-    monkeypatch.setattr(prepare, "write_atomic", lambda path, write_fn: real_write_atomic(
+    monkeypatch.setattr(local_corpus, "write_atomic", lambda path, write_fn: real_write_atomic(
         path, lambda tmp: (write_fn(tmp), refuse(tmp))))
     cache = tmp_path / "cache"
     assert prepare.main(["--source", "sample", "--cache-dir", str(cache)]) == 1
@@ -367,12 +291,6 @@ def test_too_small_for_the_vocabulary(tmp_path):
     assert not os.path.exists(tmp_path / "c" / "tokenizer" / "tokenizer.json")
 
 
-def copy_cache(src, dst):
-    import shutil
-    shutil.copytree(src, dst)
-    return dst
-
-
 @pytest.mark.parametrize("damage,message", [
     (lambda c: os.remove(c / "tokenizer" / "tokenizer.tiktoken"), "missing"),
     (lambda c: (c / "tokenizer" / "tokenizer.tiktoken").write_text("garbage\n"), "corrupt"),
@@ -386,7 +304,7 @@ def test_damaged_tokenizer(tmp_path, prepared_cache, monkeypatch, damage, messag
     cache = copy_cache(prepared_cache, tmp_path / "cache")
     damage(cache)
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
-    with pytest.raises(prepare.PrepareError, match=message) as err:
+    with pytest.raises(data_cache.PrepareError, match=message) as err:
         prepare.Tokenizer.from_directory()
     assert "prepare.py" in str(err.value)
 
@@ -408,7 +326,7 @@ def test_corrupt_shard(tmp_path, prepared_cache, monkeypatch):
     (cache / "data" / "shard_00000.parquet").write_bytes(b"PAR1 not really")
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
     tok = prepare.Tokenizer.from_directory()
-    with pytest.raises(prepare.PrepareError, match="shard_00000"):
+    with pytest.raises(data_cache.PrepareError, match="shard_00000"):
         next(prepare.make_dataloader(tok, 2, 128, "train"))
 
 # --- hardware: fast CPU BLAS, CUDA kernel cache ---------------------------------------
@@ -445,3 +363,14 @@ def test_cuda_kernel_cache_lives_beside_the_data(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", "/somewhere/else")
     prepare.keep_kernel_cache(gpu)
     assert os.environ["MLX_PTX_CACHE_DIR"] == "/somewhere/else"  # the user's choice stands
+
+# --- layout: the modules prepare.py builds on ------------------------------------------
+
+
+def test_modules_beside_prepare_import_neither_it_nor_mlx():
+    # imports read bottom-up (no cycle), and prepare.py can import them before it picks the CPU BLAS for MLX
+    code = ("import sys, data_cache, local_corpus, token_shards\n"
+            "print(sorted(name for name in ('prepare', 'mlx', 'mlx.core') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

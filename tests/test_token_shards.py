@@ -1,7 +1,5 @@
-"""prepare.py's data path: folders of text files (source trees) as corpora, token shards written once and
-memory-mapped by the dataloader, their integrity checks, and the start-up check of both splits. Offline."""
-import gzip
-import hashlib
+"""token_shards.py: both splits tokenized once by prepare.py and memory-mapped by its dataloader, their integrity
+checks, and the start-up check of both splits. Offline."""
 import json
 import os
 import re
@@ -15,126 +13,33 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import data_cache
 import prepare
-from conftest import ROOT, SAMPLE
+import token_shards
+from conftest import ROOT, copy_cache, run_prepare, sample_docs, shard_texts
 
-
-def run_prepare(*args, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *args],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})
-
-
-def sample_docs():
-    with gzip.open(SAMPLE, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
-
-
-def copy_cache(src, dst):
-    shutil.copytree(src, dst)
-    return dst
-
-
-def shard_texts(path):
-    return pq.read_table(path).column("text").to_pylist()
-
-
-def make_source_tree(root):
-    """A small source tree with one file of every kind the import must take or skip. Returns the documents
-    it should yield, in order."""
-    files = {
-        "README": "A project.\n",
-        "src/main.c": "int main(void) { return 0; }\n",
-        "src/util.py": "def f():\n    return 1\n",
-        "src-extra.h": "#define X 1\n",           # '-' sorts before '/': after README, before src/
-        "docs/guide.txt": "First paragraph.\n\nSecond paragraph.\n",
-        "data/notes.jsonl": json.dumps({"text": "a json document"}) + "\n",
-        "empty.md": "  \n",
-        # skipped
-        "logo.png": "\x89PNG\r\n\x1a\n\0\0\0\rIHDR",
-        "latin1.c": None,
-        "big.h": "x" * (prepare.MAX_FILE_BYTES + 1),
-        ".git/config": "[core]\n",
-        "node_modules/pkg/index.js": "module.exports = 1\n",
-        "src/__pycache__/util.cpython-311.pyc": "cached",
-    }
-    for rel, text in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if text is None:
-            path.write_bytes("caf\xe9 = 1;\n".encode("latin-1"))
-        else:
-            path.write_text(text, encoding="utf-8")
-    (root / "link.c").symlink_to(root / "src" / "main.c")
-    (root / "linked_dir").symlink_to(root / "src", target_is_directory=True)
-    expected = ["A project.\n", "a json document", "First paragraph.", "Second paragraph.",
-                "#define X 1\n", "int main(void) { return 0; }\n", "def f():\n    return 1\n"]
-    return expected
-
-# --- folders of text files -----------------------------------------------------------------
-
-
-def test_source_tree_documents_in_sorted_order_and_skip_rules(tmp_path):
-    expected = make_source_tree(tmp_path / "tree")
-    skipped = {}
-    assert list(prepare.read_documents(str(tmp_path / "tree"), skipped)) == expected
-    assert {reason: sorted(paths) for reason, paths in skipped.items()} == {
-        "binary (NUL bytes)": ["logo.png"],
-        "not UTF-8": ["latin1.c"],
-        f"over {prepare.MAX_FILE_BYTES // 1024} KB": ["big.h"],
-        "symlinks": ["link.c", "linked_dir"],
-        "VCS/tooling folders": [".git/", "node_modules/", os.path.join("src", "__pycache__") + "/"],
-    }
-
-
-def test_source_tree_through_the_command_line_names_what_it_skipped(tmp_path):
-    tree = tmp_path / "tree"
-    make_source_tree(tree)
-    for i, doc in enumerate(sample_docs()):  # enough text for the tokenizer: one sample document per file
-        (tree / "books" / f"{i:04d}.md").parent.mkdir(exist_ok=True)
-        (tree / "books" / f"{i:04d}.md").write_text(doc, encoding="utf-8")
-    cache = tmp_path / "cache"
-    result = run_prepare("--source", str(tree), "--cache-dir", str(cache))
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert "Skipped 8 files or folders:" in out
-    for line in ["  1 binary (NUL bytes): logo.png", "  1 not UTF-8: latin1.c", "  2 symlinks: link.c, linked_dir",
-                 f"  1 over {prepare.MAX_FILE_BYTES // 1024} KB: big.h"]:
-        assert line in out.splitlines(), out
-    docs = shard_texts(cache / "data" / prepare.VAL_FILENAME)
-    docs += [t for p in sorted((cache / "data").glob("shard_0000*.parquet")) for t in shard_texts(p)]
-    assert len(docs) == 7 + len(sample_docs())
-    for skipped_text in ["IHDR", "x" * 1000, "[core]", "module.exports", "cached"]:
-        assert not any(skipped_text in d for d in docs)
-
-
-def test_folder_without_any_text_file(tmp_path):
-    (tmp_path / "tree").mkdir()
-    (tmp_path / "tree" / "a.bin").write_bytes(b"\0\1\2")
-    result = run_prepare("--source", str(tmp_path / "tree"), "--cache-dir", str(tmp_path / "cache"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "0 non-empty document(s) (skipped 1 binary (NUL bytes))" in result.stderr
 
 # --- token shards ---------------------------------------------------------------------------
 
 
 def split_documents(split):
     """The split's documents as prepare.py tokenized them: one BOS-prefixed array each, in file order."""
-    manifest = prepare.check_token_shards()
-    tokens, offsets, _ = prepare.open_token_split(split, manifest)
+    manifest = token_shards.check_token_shards()
+    tokens, offsets, _ = token_shards.open_token_split(split, manifest)
     return [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def test_token_shards_hold_each_split_tokenized_separately(use_cache):
     tok = prepare.Tokenizer.from_directory()
     bos = tok.get_bos_token_id()
-    manifest = prepare.check_token_shards(verify_contents=True)
+    manifest = token_shards.check_token_shards(verify_contents=True)
     for split in ("train", "val"):
-        texts = [t for path in prepare.list_shards(split) for t in shard_texts(path)]
+        texts = [t for path in data_cache.list_shards(split) for t in shard_texts(path)]
         docs = split_documents(split)
         assert len(docs) == len(texts) == manifest["splits"][split]["documents"]
         assert all(d.dtype == np.uint16 and list(d) == tok.encode(t, prepend=bos) for d, t in zip(docs, texts))
         assert manifest["splits"][split]["shards"] == [[os.path.basename(p), os.path.getsize(p)]
-                                                       for p in prepare.list_shards(split)]
+                                                       for p in data_cache.list_shards(split)]
     # the validation loader reads only validation documents, and the training loader only training ones
     val_docs = {tuple(d) for d in split_documents("val")}
     train_docs = {tuple(d) for d in split_documents("train")}
@@ -167,9 +72,9 @@ def old_path_batches(tokenizer, split, seed):
 def test_packing_equals_the_old_tokenize_on_the_fly_path(use_cache, split, batches):
     # rows of 257 tokens, a buffer of 50 documents: the seeded order matters, and val runs into its 2nd epoch
     tok = prepare.Tokenizer.from_directory()
-    manifest = prepare.check_token_shards()
-    new = prepare.packed_rows(prepare.document_batches(*prepare.open_token_split(split, manifest), split == "train", 7),
-                              2, 256, 50)
+    manifest = token_shards.check_token_shards()
+    split_tokens = token_shards.open_token_split(split, manifest)
+    new = prepare.packed_rows(prepare.document_batches(*split_tokens, split == "train", 7), 2, 256, 50)
     old = prepare.packed_rows(old_path_batches(tok, split, 7), 2, 256, 50)
     epochs = set()
     for _ in range(batches):
@@ -221,7 +126,7 @@ def test_stale_or_missing_token_shards_name_the_command_that_fixes_them(tmp_path
     damage(cache)
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
     tok = prepare.Tokenizer.from_directory()
-    with pytest.raises(prepare.PrepareError, match=message) as err:
+    with pytest.raises(data_cache.PrepareError, match=message) as err:
         prepare.make_dataloader(tok, 2, 128, "train")  # at the call, before any batch is asked for
     command = f"uv run prepare.py --cache-dir {cache}"
     assert command in str(err.value) and "\n" not in str(err.value)
@@ -242,7 +147,7 @@ def test_another_corpus_in_the_cache_invalidates_the_token_shards(tmp_path, prep
     # the old manifest put back over the new corpus: refused, not silently used
     (cache / "tokens" / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": fresh["tokenizer"]}))
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
-    with pytest.raises(prepare.PrepareError, match="another corpus"):
+    with pytest.raises(data_cache.PrepareError, match="another corpus"):
         prepare.make_dataloader(prepare.Tokenizer.from_directory(), 2, 128, "val")
 
 
@@ -274,9 +179,9 @@ def test_unreadable_shard_while_tokenizing_is_one_line(tmp_path, prepared_cache)
 
 def test_missing_validation_shard_stops_the_training_loader_at_once(tmp_path, prepared_cache, monkeypatch):
     cache = copy_cache(prepared_cache, tmp_path / "cache")
-    os.remove(cache / "data" / prepare.VAL_FILENAME)
+    os.remove(cache / "data" / data_cache.VAL_FILENAME)
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
-    with pytest.raises(prepare.PrepareError, match=f"validation shard {prepare.VAL_FILENAME} is missing") as err:
+    with pytest.raises(data_cache.PrepareError, match=f"validation shard {data_cache.VAL_FILENAME} is missing") as err:
         prepare.make_dataloader(prepare.Tokenizer.from_directory(), 2, 128, "train")
     assert "--source YOUR_CORPUS" in str(err.value) and "--force" in str(err.value)
 
@@ -284,11 +189,11 @@ def test_missing_validation_shard_stops_the_training_loader_at_once(tmp_path, pr
 @pytest.mark.slow
 def test_train_py_stops_before_training_without_a_validation_split(tmp_path, prepared_cache):
     cache = copy_cache(prepared_cache, tmp_path / "cache")
-    os.remove(cache / "data" / prepare.VAL_FILENAME)
+    os.remove(cache / "data" / data_cache.VAL_FILENAME)
     env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "AUTORESEARCH_TIME_BUDGET": "120"}
     t0 = time.time()
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode != 0 and time.time() - t0 < 120
     assert not re.search(r"^step ", result.stdout, flags=re.M) and "Traceback" not in result.stderr
-    assert f"validation shard {prepare.VAL_FILENAME} is missing" in result.stderr, result.stderr
+    assert f"validation shard {data_cache.VAL_FILENAME} is missing" in result.stderr, result.stderr
