@@ -242,6 +242,20 @@ def test_recheck_uses_the_rule_the_commit_was_kept_on():
     assert gate.recheck(5.0, 2, [], m)[0]                     # the baseline: kept without a bar
 
 
+def test_the_plot_draws_the_bar_a_single_run_must_beat(repo):
+    from autoresearch import plot
+
+    baseline(repo)
+    assert ar(repo, "noise", "-n", "3").returncode == 0  # the best is a mean of 4 runs
+    edit(repo, BPB=1.5)
+    ar(repo, "run", "-m", "worse", "--margin", "0.02")
+    recs = ledger(repo)
+    s = plot.series(recs, margin=0.02)
+    assert runs(repo)[-1]["best_runs"] == 4
+    assert s["bars"][-1] == pytest.approx(gate.bar(0.02, 1, 4)) and s["bars"][-1] < 0.02  # not the margin
+    assert s["next_bar"] == pytest.approx(gate.bar(0.02, 1, 4)) and s["next_best_runs"] == 4
+    assert os.path.exists(plot.make_plot(recs, os.path.join(repo, "p.png"), margin=0.02))
+
 
 def test_after_a_simpler_keep_the_reference_is_its_pooled_mean(repo):
     edit(repo, NOISE=0.002)
