@@ -17,7 +17,7 @@ Experiment harness for autoresearch: one safe command per experiment.
 
 The loop: edit train.py, then `uv run autoresearch run -m "what I tried"`, then read the verdict.
 State lives in .autoresearch/ (ledger.jsonl, noise.json, lock) and results.tsv, run.log, progress.png,
-all git-ignored. Exit codes: 0 done (keep or discard), 1 crash, 2 refused (nothing changed), 130/143 interrupted.
+all git-ignored. Exit codes: 0 done (keep, discard or remeasure), 1 crash, 2 refused (nothing changed), 130/143 interrupted.
 """
 
 RUN_HELP = f"""\
