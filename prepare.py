@@ -598,6 +598,35 @@ def cross_entropy_nats(logits, targets):
     return mx.logsumexp(logits, axis=-1) - target_logits
 
 
+CAUSAL_SEED = 1234         # the replacement tokens of the causality check: fixed, so every run checks alike
+CAUSAL_TOLERANCE = 4       # dtype epsilons, times the largest logit: above it, a logit saw a later token
+CAUSAL_CHECK_ROWS = 2      # rows the check runs twice (the first model call has this many): ~1/8 of CPU evaluation
+
+
+def check_causal(model, x, logits):
+    """Every logit at position t must depend on tokens 0..t only. Replace the tokens after a cut in each row
+    (a different cut per row) and run the model once more: the logits up to each cut must stay as they were,
+    up to rounding. A model that sees the future (no causal mask, a window that reaches ahead, inputs shifted
+    against targets) would score a meaningless val_bpb; raise instead."""
+    rows, seq = x.shape
+    cuts = mx.array([(r + 1) * seq // (rows + 1) for r in range(rows)])[:, None]  # spread over the row
+    after = mx.arange(seq)[None, :] > cuts
+    shift = mx.random.randint(1, VOCAB_SIZE - 1, x.shape, key=mx.random.key(CAUSAL_SEED))
+    x_changed = mx.where(after, (x + shift) % (VOCAB_SIZE - 1), x)  # always a different token (BOS included)
+    changed = model(x_changed).astype(mx.float32)
+    before = logits.astype(mx.float32)
+    diff = mx.where(after[..., None], 0.0, mx.abs(changed - before)).max(axis=-1)  # (rows, seq)
+    eps = max(mx.finfo(logits.dtype).eps if mx.issubdtype(logits.dtype, mx.floating) else 0.0, 2.0**-13)
+    tolerance = CAUSAL_TOLERANCE * eps * max(mx.abs(before).max().item(), 1.0)
+    leaks = np.argwhere(np.array(diff) > tolerance)
+    if leaks.size:
+        r, t = (int(v) for v in leaks[np.argmin(leaks[:, 1])])
+        raise ValueError(f"evaluate_bpb: the logits at position {t} of row {r} changed by {diff[r, t].item():.3g} "
+                         f"(tolerance {tolerance:.2g}) when only the tokens after position {cuts[r, 0].item()} "
+                         "changed: the model sees the future. Look in train.py for a lost or wrong causal mask, an "
+                         "attention window that reaches ahead, or inputs shifted against the targets.")
+
+
 def evaluate_bpb(model, tokenizer, batch_size):
     """Validation bits per byte: total cross-entropy (nats) over target tokens divided by
     ln(2) * their total UTF-8 bytes; special tokens count 0 bytes and are left out of both sums.
@@ -623,16 +652,20 @@ def evaluate_bpb(model, tokenizer, batch_size):
         raise PrepareError(f"the validation split in {data_dir()} holds less than one row of {MAX_SEQ_LEN + 1} tokens. "
                            "Prepare a bigger corpus (prepare.py --source PATH --force).")
     if len(inputs) < wanted_rows:
-        print(f"Eval: the validation split ends after {len(inputs) * MAX_SEQ_LEN:,} tokens, fewer than the "
-              f"{EVAL_TOKENS:,} asked for: each is evaluated once", flush=True)
+        # rows are packed from whole documents and cropped, so the split holds more tokens than its rows score
+        print(f"Eval: the validation split fills only {len(inputs)} rows of {MAX_SEQ_LEN}: {len(inputs) * MAX_SEQ_LEN:,} "
+              f"tokens evaluated, fewer than the {EVAL_TOKENS:,} asked for; each row is evaluated once", flush=True)
     rows = max(1, min(batch_size, EVAL_CHUNK_TOKENS // MAX_SEQ_LEN))
+    starts = [0, *range(min(rows, CAUSAL_CHECK_ROWS), len(inputs), rows)]  # a small first call: the check's
     total_nats, total_bytes = 0.0, 0
-    for i in range(0, len(inputs), rows):
-        x, y = mx.concatenate(inputs[i:i + rows]), mx.concatenate(targets[i:i + rows])
+    for i, end in zip(starts, starts[1:] + [len(inputs)]):
+        x, y = mx.concatenate(inputs[i:end]), mx.concatenate(targets[i:end])
         logits = model(x)
         if logits.shape != (*y.shape, VOCAB_SIZE):
             raise ValueError(f"evaluate_bpb: the model returned shape {logits.shape} for inputs {x.shape}; "
                              f"it must return logits of shape {(*y.shape, VOCAB_SIZE)}")
+        if i == 0:
+            check_causal(model, x, logits)  # one extra forward of the first call, the same shape: exact
         nbytes = token_bytes[y]
         nats = mx.where(nbytes > 0, cross_entropy_nats(logits, y), 0.0)
         total_nats += float(np.array(nats).astype(np.float64).sum())  # float64: sums over millions of tokens

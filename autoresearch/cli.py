@@ -17,7 +17,7 @@ Experiment harness for autoresearch: one safe command per experiment.
 
 The loop: edit train.py, then `uv run autoresearch run -m "what I tried"`, then read the verdict.
 State lives in .autoresearch/ (ledger.jsonl, noise.json, lock) and results.tsv, run.log, progress.png,
-all git-ignored. Exit codes: 0 done (keep or discard), 1 crash, 2 refused (nothing changed), 130/143 interrupted.
+all git-ignored. Exit codes: 0 done (keep, discard or remeasure), 1 crash, 2 refused (nothing changed), 130/143 interrupted.
 """
 
 RUN_HELP = f"""\
@@ -28,6 +28,11 @@ changes to any file but train.py, with a damaged results.tsv/ledger, while anoth
 this repository, with a bad setting (flag or environment variable), with other settings than the best kept run
 (budget, corpus, evaluation size, device: start a new branch for those), or when this exact train.py was already
 run on this branch (unless --rerun, which adds a run with a new seed to its pool).
+
+--rerun of a kept train.py is a measurement, not an experiment: verdict `remeasure`, nothing changes in git, no
+row of its own in results.tsv (the kept row shows the new pooled mean), not counted in status or the keep rate.
+If the pooled mean no longer clears the bar the commit was kept on (against the best kept commit before it, by
+the same rule, --simpler included), the verdict says so and prints the command that goes back to the better one.
 
 Keep gate: the first successful run on a branch is the baseline. Every value is a pooled mean: all valid runs of
 one train.py content, one per seed. A candidate (mean of n runs) is kept only if, against the best kept (mean of
@@ -40,7 +45,8 @@ On discard or crash only train.py is reset to the last kept commit (the branch m
 never touched); a train.py edited while the run went is left as it is. Ctrl-C / SIGTERM stops train.py and
 undoes the candidate commit, leaving your edit in place.
 
-Prints a live progress line, the log tail on a crash, and a final block: verdict (keep|discard|crash|interrupted),
+Prints a live progress line, the log tail on a crash, and a final block: verdict (keep|discard|crash|interrupted,
+or remeasure),
 reason, val_bpb, best_before, throughput (steps, tok/s, start-up), commit, wall_seconds, and warnings when tok/s
 moved more than 15 % from the noise runs' or start-up is far above the baseline's. docs/faults.md lists the faults.
 """
@@ -159,7 +165,7 @@ def build_parser():
                        help="this change simplifies the code: keep it unless it is worse than best by more than the margin")
         p.add_argument("--rerun", action="store_true",
                        help="run this exact train.py again although it was already run: one more run, with a seed "
-                            "it has not run with, joins its pool")
+                            "it has not run with, joins its pool (of a kept train.py: a remeasurement, see above)")
         if name == "submit":
             _add_cluster_options(p)
         else:

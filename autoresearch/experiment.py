@@ -111,7 +111,9 @@ class Judgement:
         self.n_best = len(gate.pool(records, self.best_rec["content_hash"])) if self.best_rec else 0
         self.reference = (self.best_rec or {}).get("settings")
         self.prior = gate.pool(records, content_hash)  # --rerun: earlier runs of this train.py join its pool
-        self.measure_only = bool(self.best_rec) and self.best_rec["content_hash"] == content_hash
+        # --rerun of a kept train.py: a measurement of that commit, not an idea (no verdict on git, no count)
+        self.remeasured, self.kept_before = gate.kept_with(records, content_hash, in_history)
+        self.recheck = None  # (holds, reason, better commit) once a remeasurement is decided
 
     def seeds(self, n=None):
         """Seeds this train.py has not run with yet, from --seed up: the run's own, then its confirmation seeds."""
@@ -131,12 +133,22 @@ class Judgement:
         if diffs and not isinstance(outcomes[0][1], str):
             return ("discard", f"not comparable with the best kept run ({'; '.join(diffs)}): start a new baseline "
                     "on a new branch (git checkout -b autoresearch/<new-tag>) to use these settings", [], 0)
-        if self.measure_only and not isinstance(outcomes[0][1], str):
+        if self.remeasured and not isinstance(outcomes[0][1], str):
             values = [*self.prior, outcomes[0][1]]
-            return "keep", (f"measured again: the best kept train.py, now the mean of {len(values)} runs "
-                            f"{statistics.fmean(values):.6f}"), values, 0
+            return "remeasure", self.remeasure_reason(values), values, 0
         return gate.decide(outcomes, self.best, self.margin, self.opts.simpler, self.opts.confirm, self.prior,
                            self.n_best)
+
+    def remeasure_reason(self, values):
+        """Whether the remeasured commit's pooled mean still clears the bar it was kept on (gate.recheck)."""
+        r, mean = self.remeasured, statistics.fmean(values)
+        earlier = [(k["commit"], gate.reference_value(self.records, k["content_hash"]),
+                    len(gate.pool(self.records, k["content_hash"]))) for k in self.kept_before]
+        self.recheck = gate.recheck(mean, len(values), earlier, self.margin, r.get("simpler", False))
+        holds, why, _ = self.recheck
+        return (f"measured again: kept commit {short(r['commit'])} (experiment #{r.get('exp', '?')}), now the mean of "
+                f"{len(values)} runs {mean:.6f}, {'still clears' if holds else 'NO LONGER clears'} the bar it was "
+                f"kept on: {why}")
 
     def warnings(self, rec):
         """Throughput against the noise runs', start-up against the baseline's: lines to print, or none."""
@@ -165,11 +177,14 @@ class Judgement:
             noise_tok_per_sec=(self.noise or {}).get("tok_per_sec"), seeds_used=len(values) or 1,
             val_bpb_mean=statistics.fmean(values) if values else None, git=git_action, simpler=self.opts.simpler,
             rerun=self.opts.rerun, **extra)
-        if self.measure_only and verdict == "keep":
-            rec["remeasure"] = True  # a measurement of the best, not an idea: not counted in the keep rate
+        if self.remeasured:  # a measurement of a kept commit, not an idea: no results.tsv row, not counted
+            rec.update(remeasure=True, commit=self.remeasured["commit"], exp=self.remeasured.get("exp"))
+            if verdict == "remeasure" and self.recheck and not self.recheck[0]:
+                better = self.recheck[2]
+                rec["fails_bar"] = {"better_commit": better, "command": f"git reset --hard {short(better)}"}
         if gate.settings_differ(rec["settings"], self.reference):
             rec["comparable"] = False  # never pooled with, or judged against, the branch's runs
-        rec["warnings"] = self.warnings(rec) if verdict in ("keep", "discard") else []
+        rec["warnings"] = self.warnings(rec) if verdict in ("keep", "discard", "remeasure") else []
         return rec
 
 
@@ -212,12 +227,16 @@ def verdict_lines(rec, tail=(), log_name=runner.LOG_FILE, root=None):
         where += f"; log {os.path.relpath(rec['log'], root) if root else rec['log']}"
     lines += [f"--- {rec['candidate']}: {rec['description']!r}" if rec.get("candidate") else "---",
               f"verdict:      {rec['verdict']}", f"reason:       {rec['reason']}",
-              f"val_bpb:      {val:.6f}{runs}" if isinstance(val, float) and rec["verdict"] in ("keep", "discard")
+              f"val_bpb:      {val:.6f}{runs}" if isinstance(val, float) and rec["verdict"] in ("keep", "discard",
+                                                                                                "remeasure")
               else "val_bpb:      -",
               f"best_before:  {best:.6f} ({short(rec.get('best_commit'))}{best_runs})" if isinstance(best, float)
               else "best_before:  - (baseline)",
               f"throughput:   {throughput(rec)}",
               f"commit:       {short(rec['commit'])} ({rec['git']})",
+              *([f"go back:      {short(rec['fails_bar']['better_commit'])} is better by the rule "
+                 f"{short(rec['commit'])} was kept on; the branch stays on {short(rec['commit'])} until you run: "
+                 f"{rec['fails_bar']['command']}"] if rec.get("fails_bar") else []),
               f"wall_seconds: {rec['harness_seconds']:.1f} (harness overhead {rec['overhead_seconds']:.2f}); {where}"]
     lines += [f"warning:      {w}" for w in rec.get("warnings") or ()]
     return lines
@@ -238,9 +257,14 @@ def run_experiment(opts):
         seeds = j.seeds()
 
         base = gitops.head(root)
-        committed = gitops.train_changed(root)
+        committed = gitops.train_changed(root) and not j.remeasured  # a remeasurement commits nothing
         candidate = gitops.commit_train(root, opts.description) if committed else base
-        say(f"experiment #{j.exp_id} on {s.branch}: commit {short(candidate)} {opts.description!r}, seed {seeds[0]}",
+        what = f"experiment #{j.exp_id} on {s.branch}: commit {short(candidate)} {opts.description!r}"
+        if j.remeasured:
+            candidate = j.remeasured["commit"]
+            what = (f"measuring kept commit {short(candidate)} (experiment #{j.remeasured.get('exp', '?')}) again on "
+                    f"{s.branch}: its pool of {len(j.prior)} gets one more run, nothing changes in git")
+        say(f"{what}, seed {seeds[0]}",
             "  best so far: " + (f"{j.best:.6f} ({short(j.best_rec['commit'])}, mean of {j.n_best} run{'s' * (j.n_best != 1)})"
                                  if j.best_rec else "none (this run is the baseline)")
             + f", margin {j.margin:.4f} [{j.margin_how}]"
@@ -275,9 +299,10 @@ def run_experiment(opts):
             # git first: a kept candidate stays; anything else gives train.py back to the kept commit, except an
             # edit made to train.py while the run was going: the newer file stays in the working tree
             git_action = f"{short(candidate)} is the new kept commit" if verdict == "keep" else "train.py left as it was"
-            if verdict == "keep" and j.measure_only:
-                git_action = f"{short(candidate)} stays the kept commit, with one more run in its pool"
-            if verdict == "interrupted":
+            if j.remeasured:
+                git_action = (f"nothing changed in git: {short(candidate)} stays kept"
+                              + (", with one more run in its pool" if verdict == "remeasure" else ""))
+            elif verdict == "interrupted":
                 if committed and gitops.undo_commit(root, candidate, base):
                     git_action = "candidate commit undone, your edited train.py left in the working tree"
                 git_action += "; run it again when ready"

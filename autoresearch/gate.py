@@ -14,7 +14,8 @@ confirm if bar < gain <= 2 * bar                  borderline: CONFIRM_SEEDS more
                                                   pooled mean must still gain more than the bar for its new n
 discard otherwise. With --simpler (a change that removes code) the bar is only "not worse by more than bar".
 The first successful run on a branch is the baseline and is always kept. Running a kept train.py again (--rerun)
-only adds a run to its pool.
+is a measurement, not an idea: it adds a run to that commit's pool, changes nothing in git, and says whether the
+pooled mean still clears the bar the commit was kept on (recheck).
 """
 
 import math
@@ -25,7 +26,7 @@ from autoresearch.common import CONFIRM_SEEDS
 DEFAULT_MARGIN = 0.005   # used until `autoresearch noise` has run: a guess, measure it
 NOISE_MULT = 2.0         # two noise standard deviations: a no-op change passes by luck only ~8% of the time
 MARGIN_FLOOR = 0.001     # never trust gains below this, however quiet the hardware looks
-OK_VERDICTS = ("keep", "discard", "noise")  # runs whose val_bpb is a valid measurement
+OK_VERDICTS = ("keep", "discard", "noise", "remeasure")  # runs whose val_bpb is a valid measurement
 # what must be equal for two runs to be compared: eval_request is AUTORESEARCH_EVAL_TOKENS as set (or "default"),
 # known before a run; eval_tokens what the run says it evaluated
 SETTINGS = ("budget", "corpus", "eval_request", "eval_tokens", "device")
@@ -35,8 +36,14 @@ def branch_records(ledger, branch):
     return [r for r in ledger if r.get("branch") == branch]
 
 
-def experiments(records):
+def verdicts(records):
+    """Every record with a verdict of its own: the experiments and the remeasurements of kept train.py's."""
     return [r for r in records if r["kind"] == "run"]
+
+
+def experiments(records):
+    """The ideas tried, in order; a --rerun of a kept train.py (`remeasure`) is a measurement, not one of them."""
+    return [r for r in verdicts(records) if not r.get("remeasure")]
 
 
 def valid_value(record):
@@ -104,6 +111,15 @@ def best_kept(records, in_history=lambda commit: True):
     return best or (None, None)
 
 
+def kept_with(records, content_hash, in_history=lambda commit: True):
+    """(the kept experiment of this exact train.py, the kept ones before it), or (None, []) if it was never kept."""
+    kept_now = kept(records, in_history)
+    for i, r in enumerate(kept_now):
+        if r.get("content_hash") == content_hash:
+            return r, kept_now[:i]
+    return None, []
+
+
 def settings_differ(a, b):
     """The settings in which two runs differ ('budget 40 vs 20'), skipping any that either does not know."""
     a, b = a or {}, b or {}
@@ -145,6 +161,18 @@ def judge(val, best, m, simpler=False, n=1, n_best=1):
     if gain > 0:
         return "discard", f"improved by only {gain:.4f}, within the noise margin ({vs})"
     return "discard", f"no improvement: {val:.6f} vs best {best:.6f} ({vs})"
+
+
+def recheck(mean, n, earlier, m, simpler=False):
+    """A kept train.py measured again: does its pooled mean of n runs still clear the bar it was kept on? Against
+    the best of `earlier` [(commit, pooled mean, runs)], the kept commits before it, by judge's rule: simpler or
+    not, the n-dependent bar (a pooled mean needs only the bar, as after confirmation). The baseline has no bar.
+    Returns (holds, reason, the better commit or None)."""
+    if not earlier:
+        return True, "the baseline, kept without a bar", None
+    commit, best, n_best = min(earlier, key=lambda e: e[1])
+    verdict, why = judge(mean, best, m, simpler, n, n_best)
+    return (True, why, None) if verdict != "discard" else (False, why, commit)
 
 
 def judge_mean(mean, n, best, m, n_best=1):

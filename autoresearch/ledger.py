@@ -4,6 +4,7 @@ Where results live.
 - .autoresearch/ledger.jsonl: every train.py process the harness ever ran, one JSON object a line, append-only
   and fsync'ed. The source of truth.
 - results.tsv: one row per experiment, the short view the agent reads, rewritten from the ledger after each one.
+  A remeasurement of a kept commit (--rerun) has no row of its own: it moves that commit's pooled mean.
 - .autoresearch/noise.json: the latest noise estimate per branch, replaced atomically.
 """
 
@@ -169,7 +170,7 @@ def write_results(root):
     for r in records:
         by_branch.setdefault(r.get("branch"), []).append(r)
     rows = ["\t".join(RESULTS_HEADER)]
-    rows += ["\t".join(results_row(r, by_branch[r.get("branch")])) for r in records if r["kind"] == "run"]
+    rows += ["\t".join(results_row(r, by_branch[r.get("branch")])) for r in gate.experiments(records)]
     write_atomic(os.path.join(root, RESULTS_FILE), "\n".join(rows) + "\n")
     return len(rows) - 1
 

@@ -120,7 +120,7 @@ def wait(all_done=False, timeout=None, address=None, workers=None):
         while True:
             records = ledger.read_ledger(root)
             pending = Queue(root).pending(candidates.finished_ids(records))
-            new = [r for r in gate.experiments(records) if r.get("candidate") and r["candidate"] not in reported]
+            new = [r for r in gate.verdicts(records) if r.get("candidate") and r["candidate"] not in reported]
             if new and not (all_done and pending):
                 break
             if not new and not pending:

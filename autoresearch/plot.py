@@ -1,7 +1,9 @@
 """
 `autoresearch plot`: progress.png. Every experiment's val_bpb at its experiment number (the ledger's, as in
 `status`); kept ones on the running-best step line with short labels, discarded ones faint, crashes as red
-crosses along the top edge, and the keep margin in force when each experiment was judged. The values are the
+crosses along the top edge, and the band a single run had to beat the best by when each experiment was judged:
+the gate's bar for one run against the best's pool (gate.bar(margin, 1, n_best)), narrower than the margin once
+the best is a mean of several runs; past the last experiment, the bar the next run must beat. The values are the
 ones results.tsv and status show (pooled means, gate.shown_value).
 """
 
@@ -23,28 +25,35 @@ DPI = 120
 
 def series(records, margin=None):
     """What the plot draws: (experiment number, value[, record]) of kept and discarded experiments, the crashes'
-    numbers, and the margin in force at each experiment (the record's, else `margin`)."""
+    numbers, the margin in force at each experiment (the record's, else `margin`), the bar a single run had to
+    beat the best by there (for the best's pool of that time), and the bar for the next run, against today's best."""
     exps = [r for r in gate.experiments(records) if r["verdict"] != "interrupted"]
     xs = [r.get("exp") or i for i, r in enumerate(exps, 1)]
     vals = [gate.shown_value(records, r) if r["verdict"] in ("keep", "discard") else None for r in exps]
     vals = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in vals]
+    margins = [r.get("margin") if isinstance(r.get("margin"), (int, float)) else margin for r in exps]
+    best_rec, _ = gate.best_kept(records)
+    n_best = len(gate.pool(records, best_rec["content_hash"])) if best_rec else 1
+    now = margin if margin is not None else next((m for m in reversed(margins) if m), None)
     return {"exps": exps, "xs": xs, "vals": vals,
             "kept": [(x, v, r) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "keep"],
             "discarded": [(x, v) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "discard"],
             "crash": [x for x, r in zip(xs, exps) if r["verdict"] == "crash"],
-            "margins": [r.get("margin") if isinstance(r.get("margin"), (int, float)) else margin for r in exps]}
+            "margins": margins,
+            "bars": [gate.bar(m, 1, r.get("best_runs") or 1) if m else None for m, r in zip(margins, exps)],
+            "next_bar": gate.bar(now, 1, max(n_best, 1)) if now else None, "next_best_runs": n_best}
 
 
 def make_plot(records, path, title="", margin=None):
     s = series(records, margin)
-    exps, xs, vals, kept, disc, crash, margins = (s[k] for k in ("exps", "xs", "vals", "kept", "discarded", "crash",
-                                                                  "margins"))
+    exps, xs, vals, kept, disc, crash, bars = (s[k] for k in ("exps", "xs", "vals", "kept", "discarded", "crash",
+                                                               "bars"))
 
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     good = [v for v in vals if v is not None]
     # y range from the kept results, so one terrible discard doesn't flatten the interesting part
     if kept:
-        lo = min(min(good), min(v for _, v, _ in kept) - max([m for m in margins if m] or [0]))  # room for the band
+        lo = min(min(good), min(v for _, v, _ in kept) - max([b for b in bars + [s["next_bar"]] if b] or [0]))
         hi = max(kept[0][1], max(v for _, v, _ in kept))
         span = max(hi - lo, 0.01)
         ylo, yhi = lo - 0.15 * span, hi + 0.6 * span
@@ -66,13 +75,17 @@ def make_plot(records, path, title="", margin=None):
             steps_y.append(best)
         ax.step(steps_x + [xs[-1]], steps_y + [steps_y[-1]], where="post", color="tab:green", linewidth=2,
                 label="running best", zorder=3)
-        # the margin a candidate had to beat the best by, as it was when each experiment was judged
-        band_x = [x for x, m in zip(xs, margins) if x >= steps_x[0] and m]
-        band_best = [steps_y[max(i for i, sx in enumerate(steps_x) if sx <= x)] for x in band_x]
-        band_m = [m for x, m in zip(xs, margins) if x >= steps_x[0] and m]
-        if band_x:
-            ax.fill_between(band_x, [b - m for b, m in zip(band_best, band_m)], band_best, step="post",
-                            color="tab:green", alpha=0.08, label=f"keep margin in force (now {band_m[-1]:.4f})")
+        # what a single run had to beat the best by when each experiment was judged (the gate's bar for one run
+        # against the best's pool), then, one step past the last experiment, what the next run must beat
+        band = [(x, b) for x, b in zip(xs, bars) if x >= steps_x[0] and b]
+        if s["next_bar"]:
+            band += [(xs[-1] + 0.5, s["next_bar"]), (xs[-1] + 1.5, s["next_bar"])]  # to the plot's right edge
+        band_best = [steps_y[max(i for i, sx in enumerate(steps_x) if sx <= x)] for x, _ in band]
+        if band:
+            ax.fill_between([x for x, _ in band], [v - b for v, (_, b) in zip(band_best, band)], band_best,
+                            step="post", color="tab:green", alpha=0.08,
+                            label=f"bar one run must beat the best by (next run: {band[-1][1]:.4f}, "
+                                  f"vs the best's {s['next_best_runs']} run{'s' * (s['next_best_runs'] != 1)})")
         ax.scatter([x for x, _, _ in kept], [v for _, v, _ in kept], s=40, color="tab:green", edgecolor="black",
                    label=f"kept ({len(kept)})", zorder=4)
         for x, v, r in kept:

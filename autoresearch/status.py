@@ -29,7 +29,7 @@ def summarize(records, noise=None, in_history=lambda commit: True):
     kept = gate.kept(records, in_history)
     best_rec, best = gate.best_kept(records, in_history)
     baseline = kept[0] if kept else None
-    tried = [r for r in done if r is not baseline and not r.get("remeasure")]  # measurements, not ideas
+    tried = [r for r in done if r is not baseline]
     keeps = [r for r in tried if r["verdict"] == "keep"]
     crashes_in_row = 0
     for r in reversed(done):
@@ -41,6 +41,10 @@ def summarize(records, noise=None, in_history=lambda commit: True):
     hours = (max(t + d for t, d in times) - min(t for t, _ in times)) / 3600 if times else 0.0
     overheads = [r["overhead_seconds"] for r in exps if isinstance(r.get("overhead_seconds"), (int, float))]
     counts = {v: sum(r["verdict"] == v for r in exps) for v in ("keep", "discard", "crash", "interrupted")}
+    # the latest remeasurement of the commit the branch stands on, if it no longer clears its bar
+    current = kept[-1] if kept else None
+    again = [r for r in gate.verdicts(records) if r.get("remeasure") and current
+             and r.get("content_hash") == current["content_hash"] and r["verdict"] == "remeasure"]
     return {
         "experiments": len(exps), "interrupted": counts["interrupted"],
         "kept": counts["keep"], "discarded": counts["discard"], "crashed": counts["crash"],
@@ -53,7 +57,8 @@ def summarize(records, noise=None, in_history=lambda commit: True):
         "baseline_record": baseline, "crashes_in_row": crashes_in_row,
         "noise_std": (noise or {}).get("std"), "noise_tok_per_sec": (noise or {}).get("tok_per_sec"),
         "margin": gate.margin(noise)[0], "overhead_mean": sum(overheads) / len(overheads) if overheads else None,
-        "last": exps,
+        "last": exps, "remeasured": sum(bool(r.get("remeasure")) for r in gate.verdicts(records)),
+        "fails_bar": again[-1] if again and again[-1].get("fails_bar") else None,
     }
 
 
@@ -97,6 +102,14 @@ def render(root, branch, n_last=LAST_RUNS):
     rate = f"{s['keep_rate']:.0%}" if s["keep_rate"] is not None else "-"
     out.append(f"experiments:     {s['experiments']} = {s['kept']} kept (baseline included) + {s['discarded']} "
                f"discarded + {s['crashed']} crashed + {s['interrupted']} interrupted")
+    if s["remeasured"]:
+        out.append(f"remeasured:      {s['remeasured']} rerun(s) of kept commits (--rerun): runs in their pools, "
+                   "not experiments")
+    fail = s["fails_bar"]
+    if fail:
+        better = fail["fails_bar"]["better_commit"]
+        out.append(f"warning:         {short(fail['commit'])}, where the branch stands, no longer clears the bar it was "
+                   f"kept on ({short(better)} is better, by its last --rerun): to go back, {fail['fails_bar']['command']}")
     out.append(f"keep rate:       {rate} of finished ideas after the baseline")
     per_hour = f"{s['per_hour']:.1f}" if s["per_hour"] else "-"
     out.append(f"pace:            {per_hour} experiments/hour over {s['hours']:.1f} h"

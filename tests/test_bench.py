@@ -109,3 +109,15 @@ def test_eval_precision_benchmark_prints_its_table(prepared_cache):
     rows = re.findall(r"^ +(\d+) +(\d+) +(\d+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)$", result.stdout, flags=re.M)
     assert [(n, k) for n, _, k, *_ in rows] == [("1", "4"), ("2", "2")], result.stdout
     assert all(float(v) > 0 for row in rows for v in row[3:])
+
+
+@pytest.mark.slow
+def test_causal_check_benchmark_prints_its_cost(prepared_cache):
+    env = {**os.environ, "AUTORESEARCH_CACHE": prepared_cache, "AUTORESEARCH_EVAL_TOKENS": "8192"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "causal_check.py"), "--reps", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "8,192 tokens" in result.stdout, result.stdout
+    off, on = (float(v) for v in re.findall(r"^\| (?:evaluation without the check|with the check) \| ([\d.]+) s \|$",
+                                            result.stdout, flags=re.M))
+    assert on > 0 and off > 0

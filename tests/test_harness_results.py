@@ -162,16 +162,99 @@ def test_rerun_adds_a_run_to_the_pool(repo):
 
 
 def test_rerun_of_the_best_measures_it_again(repo):
+    from autoresearch import plot
+
     edit(repo, NOISE=0.05)
     git(repo, "commit", "-qam", "noisy fixture")
     head = baseline(repo)
     r = ar(repo, "run", "-m", "baseline again", "--rerun")
-    assert r.returncode == 0 and "verdict:      keep" in r.stdout and "measured again" in r.stdout
-    assert "stays the kept commit" in r.stdout and git(repo, "rev-parse", "HEAD") == head
+    assert r.returncode == 0 and "verdict:      remeasure" in r.stdout and "measured again" in r.stdout, r.stdout
+    assert "nothing changed in git" in r.stdout and git(repo, "rev-parse", "HEAD") == head
     values = [x["val_bpb"] for x in runs(repo)]
     status = ar(repo, "status").stdout
     assert f"best:            {statistics.fmean(values):.6f} (mean of 2 runs)" in status
     assert "keep rate:       -" in status  # a measurement, not an idea
+    # one experiment everywhere: status, results.tsv (one row, the pooled mean), the plot, the ledger
+    assert "experiments:     1 = 1 kept (baseline included)" in status and "remeasured:      1 rerun" in status
+    assert [row[1] for row in results(repo)[1:]] == [f"{statistics.fmean(values):.6f}"]
+    assert len(plot.series(ledger(repo))["kept"]) == 1 and len(gate.experiments(ledger(repo))) == 1
+
+
+def simpler_commit_that_drifts(repo, bpb, noise, margin=gate.DEFAULT_MARGIN):
+    """Edit train.py into a 'simplification' whose seed-42 run is within the bar of a 1.0 baseline but whose mean
+    with seed 43 is worse than it by more than the bar for 2 runs against 1 (the fixture's draws are fixed)."""
+    from test_harness import fixture_value
+    for k in range(500):
+        text = edit(repo, BPB=bpb, NOISE=noise, append=f"# simpler {k}\n")
+        first, second = fixture_value(text, 42), fixture_value(text, 43)
+        if first - 1.0 < 0.8 * margin and (first + second) / 2 - 1.0 > 1.2 * gate.bar(margin, 2, 1):
+            return first, second
+        git(repo, "checkout", "train.py")
+    raise AssertionError("no draw found")
+
+
+def test_rerun_of_a_kept_simplification_that_drifted_worse_says_how_to_go_back(repo):
+    from autoresearch import plot
+
+    base = baseline(repo)  # NOISE 0: exactly 1.0
+    first, second = simpler_commit_that_drifts(repo, bpb=1.003, noise=0.004)
+    r = ar(repo, "run", "-m", "simpler", "--simpler")
+    assert "verdict:      keep" in r.stdout, r.stdout
+    simpler, text = git(repo, "rev-parse", "HEAD"), read(repo)
+    r = ar(repo, "run", "-m", "simpler again", "--rerun")
+    assert r.returncode == 0 and "verdict:      remeasure" in r.stdout, r.stdout
+    assert "NO LONGER clears the bar it was kept on" in r.stdout
+    assert f"go back:      {base[:7]} is better" in r.stdout and f"git reset --hard {base[:7]}" in r.stdout
+    assert git(repo, "rev-parse", "HEAD") == simpler and read(repo) == text  # nothing changed in git
+    rec = runs(repo)[-1]
+    assert rec["remeasure"] and rec["commit"] == simpler and rec["fails_bar"]["better_commit"] == base
+    assert rec["val_bpb_mean"] == pytest.approx((first + second) / 2)
+    # results.tsv: one row per kept commit, the pooled mean; status and the plot count the same
+    rows = results(repo)[1:]
+    assert [row[3] for row in rows] == ["keep", "keep"] and rows[1][1] == f"{(first + second) / 2:.6f}"
+    status = ar(repo, "status").stdout
+    assert "experiments:     2 = 2 kept (baseline included) + 0 discarded" in status and "keep rate:       100%" in status
+    assert f"no longer clears the bar it was kept on ({base[:7]} is better" in status
+    assert f"git reset --hard {base[:7]}" in status and f"best:            1.000000 (mean of 1 run)  {base[:7]}" in status
+    assert len(plot.series(ledger(repo))["kept"]) == 2
+    git(repo, "reset", "--hard", base)  # the printed command: the branch is back on the baseline, no warning
+    assert "no longer clears" not in ar(repo, "status").stdout
+
+
+def test_rerun_of_a_kept_commit_that_is_not_the_best_is_not_judged_as_a_new_idea(repo):
+    baseline(repo)
+    edit(repo, BPB=1.003, append="# simpler\n")  # kept, slightly worse than the best
+    assert "verdict:      keep" in ar(repo, "run", "-m", "simpler", "--simpler").stdout
+    simpler = git(repo, "rev-parse", "HEAD")
+    r = ar(repo, "run", "-m", "simpler again", "--rerun")
+    assert "verdict:      remeasure" in r.stdout and "still clears the bar it was kept on" in r.stdout, r.stdout
+    assert "go back" not in r.stdout and git(repo, "rev-parse", "HEAD") == simpler  # never discarded, never reverted
+    assert [row[3] for row in results(repo)[1:]] == ["keep", "keep"]
+
+
+def test_recheck_uses_the_rule_the_commit_was_kept_on():
+    m, earlier = 0.01, [("base", 1.0, 4), ("worse", 1.02, 1)]  # against the best of the earlier kept commits
+    b = gate.bar(m, 2, 4)
+    assert gate.recheck(1.0 + 0.9 * b, 2, earlier, m, simpler=True)[0]
+    assert gate.recheck(1.0 + 1.1 * b, 2, earlier, m, simpler=True) == (False, gate.judge(1.0 + 1.1 * b, 1.0, m, True, 2, 4)[1], "base")
+    assert gate.recheck(1.0 - 1.1 * b, 2, earlier, m)[0]      # a pooled mean needs the bar, not twice it
+    assert not gate.recheck(1.0 - 0.9 * b, 2, earlier, m)[0]
+    assert gate.recheck(5.0, 2, [], m)[0]                     # the baseline: kept without a bar
+
+
+def test_the_plot_draws_the_bar_a_single_run_must_beat(repo):
+    from autoresearch import plot
+
+    baseline(repo)
+    assert ar(repo, "noise", "-n", "3").returncode == 0  # the best is a mean of 4 runs
+    edit(repo, BPB=1.5)
+    ar(repo, "run", "-m", "worse", "--margin", "0.02")
+    recs = ledger(repo)
+    s = plot.series(recs, margin=0.02)
+    assert runs(repo)[-1]["best_runs"] == 4
+    assert s["bars"][-1] == pytest.approx(gate.bar(0.02, 1, 4)) and s["bars"][-1] < 0.02  # not the margin
+    assert s["next_bar"] == pytest.approx(gate.bar(0.02, 1, 4)) and s["next_best_runs"] == 4
+    assert os.path.exists(plot.make_plot(recs, os.path.join(repo, "p.png"), margin=0.02))
 
 
 def test_after_a_simpler_keep_the_reference_is_its_pooled_mean(repo):

@@ -212,3 +212,16 @@ def test_cli_without_ray(tmp_path, monkeypatch):
     monkeypatch.setattr(parallel.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(Refusal, match="uv sync --extra parallel"):
         parallel.need_ray()
+
+
+def test_rerun_of_the_kept_commit_is_a_measurement(prepo):
+    repo = prepo[0]
+    submit(prepo, "baseline")
+    assert ar(prepo, "wait", "--all").returncode == 0
+    head = git(repo, "rev-parse", "HEAD")
+    cid = submit(prepo, "baseline again", "--rerun")
+    r = ar(prepo, "wait", "--all")
+    assert f"--- {cid}:" in r.stdout and "verdict:      remeasure" in r.stdout, r.stdout
+    assert git(repo, "rev-parse", "HEAD") == head and len(results(repo)) == 2  # one row: the pooled mean
+    assert "[mean of 2 runs]" in results(repo)[1][4]
+    assert "experiments:     1 = 1 kept" in ar(prepo, "status").stdout

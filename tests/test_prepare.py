@@ -150,7 +150,8 @@ def test_evaluate_bpb_uniform_logits_is_log2_vocab_per_token(use_cache, monkeypa
     bpb, evaluated = prepare.evaluate_bpb(model, tok, 4)
     assert bpb == pytest.approx(math.log2(prepare.VOCAB_SIZE) * tokens / nbytes, rel=1e-6)
     assert evaluated == 16 * prepare.MAX_SEQ_LEN
-    assert max(model.calls) == 2 and sum(model.calls) == 16  # called in chunks, never on the whole batch
+    # called in chunks, never on the whole batch; the first chunk twice (the causality check)
+    assert max(model.calls) == 2 and sum(model.calls) == 16 + model.calls[0]
 
 
 class LowRankModel:
@@ -214,12 +215,14 @@ def test_evaluate_bpb_never_counts_a_token_twice(tmp_path, prepared_cache, monke
         seen.append(np.array(x))
         return mx.zeros((*x.shape, prepare.VOCAB_SIZE))
     _, evaluated = prepare.evaluate_bpb(model, tok, 8)
-    rows = np.concatenate(seen)
+    rows = np.concatenate([seen[0], *seen[2:]])  # seen[1]: the causality check's changed copy of the first batch
     assert evaluated == rows.size < val_tokens
     # every evaluated row is a new stretch of the split: no row repeats another's documents
     starts = {tuple(row[:64]) for row in rows}
     assert len(starts) == len(rows)
-    assert "fewer than" in capsys.readouterr().out
+    # the message gives the count evaluated, in whole rows, not the split's length (it holds more: rows crop)
+    out = capsys.readouterr().out
+    assert f"fills only {len(rows)} rows of {prepare.MAX_SEQ_LEN}: {evaluated:,} tokens evaluated, fewer than" in out
 
 
 def test_evaluate_bpb_refuses_a_split_shorter_than_a_row(tmp_path, prepared_cache, monkeypatch):
@@ -228,6 +231,46 @@ def test_evaluate_bpb_refuses_a_split_shorter_than_a_row(tmp_path, prepared_cach
     assert small_validation_split(cache, 1, max_chars=2000) <= prepare.MAX_SEQ_LEN
     with pytest.raises(data_cache.PrepareError, match="validation split"):
         prepare.evaluate_bpb(UniformModel(), prepare.Tokenizer.from_directory(), 8)
+
+
+class TinyAttention:
+    """One attention layer over random embeddings; `leak`: None (causal), "no mask" (attention sees every
+    position) or "next token" (position t also reads the token at t + 1)."""
+
+    def __init__(self, leak=None, dtype=mx.float32, dim=16):
+        rng = np.random.default_rng(1)
+        w = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32) / math.sqrt(dim))  # noqa: E731
+        self.embed = math.sqrt(dim) * w(prepare.VOCAB_SIZE, dim)
+        self.wq, self.wk, self.wv, self.unembed = w(dim, dim), w(dim, dim), w(dim, dim), w(dim, prepare.VOCAB_SIZE)
+        self.leak, self.dtype = leak, dtype
+
+    def __call__(self, x):
+        h = self.embed.astype(self.dtype)[x]
+        if self.leak == "next token":
+            h = h + self.embed.astype(self.dtype)[mx.roll(x, -1, axis=1)]
+        q, k, v = (mx.expand_dims(h @ w.astype(self.dtype), 1) for w in (self.wq, self.wk, self.wv))
+        mask = None if self.leak == "no mask" else "causal"
+        a = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
+        return (h + a.squeeze(1)) @ self.unembed.astype(self.dtype)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_evaluate_bpb_passes_a_causal_model(use_cache, monkeypatch, dtype):
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 4 * prepare.MAX_SEQ_LEN)
+    bpb, evaluated = prepare.evaluate_bpb(TinyAttention(None, dtype), prepare.Tokenizer.from_directory(), 2)
+    assert math.isfinite(bpb) and evaluated == 4 * prepare.MAX_SEQ_LEN
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("leak", ["no mask", "next token"])
+def test_evaluate_bpb_refuses_a_model_that_sees_the_future(use_cache, monkeypatch, leak, dtype):
+    # a lost causal mask or a shifted input would score a wonderful, meaningless val_bpb: the run must crash
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 4 * prepare.MAX_SEQ_LEN)
+    first_cut = prepare.MAX_SEQ_LEN // 3  # row 0 of a batch of 2 keeps its tokens up to here
+    where = r"position \d+ of row 0" if leak == "no mask" else f"position {first_cut} of row 0"  # the exact one
+    with pytest.raises(ValueError, match=f"logits at {where} changed .* the model sees the future"):
+        prepare.evaluate_bpb(TinyAttention(leak, dtype), prepare.Tokenizer.from_directory(), 2)
+
 
 # --- the command line ---------------------------------------------------------
 

@@ -264,6 +264,35 @@ def test_val_bpb_from_logits_equals_the_training_loss_path(use_cache, monkeypatc
     assert reference > 4.0  # far from uniform (~3.5): the softcap and the logits matter
     assert bpb == pytest.approx(reference, rel=1e-5)
 
+
+def confident_model(config):
+    """train.py's GPT with random, trained-looking weights (confident, far from uniform)."""
+    mx.random.seed(1)
+    model = train.GPT(config)
+    model.init_weights()
+    for name, p in tree_flatten(model.parameters()):
+        if p.ndim == 2:
+            model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.5)]))
+    return model
+
+
+def full_attention(q, k, v, window):
+    """train.attention with the causal mask lost: every position sees every other."""
+    heads = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
+    return heads(mx.fast.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=q.shape[-1] ** -0.5))
+
+
+@pytest.mark.parametrize("short_window", ["sliding", "chunked"])
+def test_the_model_passes_the_causality_check(monkeypatch, short_window):
+    # evaluate_bpb's check on train.py's own model: the sliding band mask and the chunked windows are causal
+    monkeypatch.setattr(train, "SHORT_WINDOW", short_window)
+    model = confident_model(train.GPTConfig(n_layer=2, n_head=1, head_dim=32, window_pattern="SL"))
+    x = mx.random.randint(0, prepare.VOCAB_SIZE - 1, (2, prepare.MAX_SEQ_LEN), key=mx.random.key(0))
+    prepare.check_causal(model, x, model(x))
+    monkeypatch.setattr(train, "attention", full_attention)  # the same model without its mask is caught
+    with pytest.raises(ValueError, match="the model sees the future"):
+        prepare.check_causal(model, x, model(x))
+
 # ---------------------------------------------------------------------------
 # End to end: train.py as the agent runs it
 # ---------------------------------------------------------------------------
