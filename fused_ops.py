@@ -1,6 +1,7 @@
 """
-Fused ops for train.py: one function per op, each a CUDA kernel (through mx.fast.cuda_kernel) or a faster CUDA
-path on NVIDIA GPUs, and the same op as plain MLX ops everywhere else. Fixed, like prepare.py: the agent calls
+Fused ops for train.py: one function per op, each a CUDA kernel or a faster CUDA path on NVIDIA GPUs, and the
+same op as plain MLX ops everywhere else. Kernels that need no shapes are compiled once and kept on disk
+(`_KeptKernel`); norm_rotary's goes through mx.fast.cuda_kernel. Fixed, like prepare.py: the agent calls
 these functions from train.py but never edits them.
 
     norm_rotary(x, cos, sin)          QK norm + rotary embedding of (B, T, H, D) heads
@@ -14,7 +15,12 @@ off for a block, for benchmarks and tests that compare the paths.
 """
 
 import contextlib
+import ctypes
 import functools
+import glob
+import hashlib
+import os
+import tempfile
 
 import prepare  # noqa: F401  (before mlx: prepare.py picks the CPU BLAS that MLX then loads)
 import mlx.core as mx
@@ -54,6 +60,129 @@ template <int N, typename U> __device__ inline void store_floats(U* p, const flo
   *reinterpret_cast<Vec<U, N>*>(p) = v;
 }
 """
+
+
+# mx.fast.cuda_kernel compiles its source with NVRTC in every process and keeps nothing (MLX keeps only its own
+# fused kernels on disk): ~1.6 s a kernel, ~9.6 s of every CUDA start-up for the six kernels below. So the four that
+# need no shapes (cross-entropy, embedding) are compiled here once per template, their cubins kept beside MLX's
+# kernel cache (MLX_PTX_CACHE_DIR, set by prepare.py), and launched with mx.fast.precompiled_cuda_kernel. If NVRTC
+# or the cache is not there, they fall back to mx.fast.cuda_kernel: slower to start, the same kernels.
+_CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.int32: "int",
+               mx.uint32: "unsigned int"}
+_KEPT_HEADER = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n"
+
+
+@functools.cache
+def _nvrtc():
+    """(NVRTC library, its options for this GPU): the CUDA that MLX itself compiles with (its wheels' nvidia/
+    folder, CUDA_HOME or /usr/local/cuda). Raises OSError where there is none."""
+    site = os.path.dirname(os.path.dirname(mx.__file__))
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    roots = [*sorted(glob.glob(os.path.join(site, "nvidia", "*"))), home]
+    includes = [os.path.join(r, "include") for r in roots if os.path.exists(os.path.join(r, "include", "cuda_bf16.h"))]
+    files = [f for r in roots for f in sorted(glob.glob(os.path.join(r, "lib*", "libnvrtc.so*")))
+             if "builtins" not in f]
+    lib = None
+    for name in ["libnvrtc.so.13", "libnvrtc.so.12", *files]:  # the one MLX loaded first, if any
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    if lib is None or not includes:
+        raise OSError("no NVRTC library or CUDA headers found")
+    cuda = ctypes.CDLL("libcuda.so.1")
+    device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    if (cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(device), 0)
+            or cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)  # compute capability, major
+            or cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)):  # and minor
+        raise OSError("the CUDA driver did not give the GPU's compute capability")
+    arch = f"sm_{major.value}{minor.value}{'a' if major.value >= 9 else ''}"  # as MLX compiles for it
+    return lib, [f"--gpu-architecture={arch}", f"--include-path={includes[0]}", "-std=c++17"]
+
+
+def _compile_cubin(name, source):
+    """Compile CUDA source with NVRTC: the cubin's bytes (the kernel `name`, extern "C")."""
+    lib, options = _nvrtc()
+    prog = ctypes.c_void_p()
+    check = lambda code, what: code == 0 or (_ for _ in ()).throw(RuntimeError(f"{what} failed ({code})"))  # noqa: E731
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), f"{name}.cu".encode(), 0, None, None), "create")
+    try:
+        opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+        if lib.nvrtcCompileProgram(prog, len(options), opts) != 0:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile {name}: {log.value.decode(errors='replace')[:2000]}")
+        size = ctypes.c_size_t()
+        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+class _KeptKernel:
+    """A drop-in for mx.fast.cuda_kernel(name, input_names, output_names, source, header, ensure_row_contiguous):
+    the same body and call, compiled once per template and kept on disk. The precompiled call passes pointers
+    only, so a body that reads `<input>_shape` or `_strides` (norm_rotary's) stays with mx.fast.cuda_kernel."""
+
+    def __init__(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True):
+        self.name, self.inputs, self.outputs = name, input_names, output_names
+        self.source, self.header, self.ensure_row_contiguous = source, header, ensure_row_contiguous
+        assert not any(f"{n}_shape" in source or f"{n}_strides" in source for n in input_names), \
+            "a precompiled kernel gets no shapes or strides: use mx.fast.cuda_kernel"
+        self.cubins, self.fallback = {}, None
+
+    def kernel_source(self, func, inputs, template, output_dtypes):
+        params = [f"const {_CUDA_TYPES[a.dtype]}* {n}" for n, a in zip(self.inputs, inputs)]
+        params += [f"{_CUDA_TYPES[d]}* {n}" for n, d in zip(self.outputs, output_dtypes)]
+        constants = [f"  using {k} = {_CUDA_TYPES[v]};" if isinstance(v, mx.Dtype) else
+                     f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = {str(v).lower()};"
+                     for k, v in template]
+        return (_KEPT_HEADER + self.header + f'\nextern "C" __global__ void {func}(' + ", ".join(params) + ") {\n" +
+                "\n".join(constants) + "\n" + self.source + "\n}\n")
+
+    def cubin(self, inputs, template, output_dtypes):
+        key = (tuple((k, str(v)) for k, v in template), tuple((str(a.dtype), a.ndim) for a in inputs),
+               tuple(map(str, output_dtypes)))
+        if key not in self.cubins:
+            func = f"{self.name}_{hashlib.sha256(repr(key).encode()).hexdigest()[:12]}"
+            source = self.kernel_source(func, inputs, template, output_dtypes)
+            digest = hashlib.sha256((source + repr(_nvrtc()[1])).encode()).hexdigest()[:16]
+            path = os.path.join(os.environ.get("MLX_PTX_CACHE_DIR") or tempfile.gettempdir(), "fused_ops",
+                                f"{func}_{digest}.cubin")
+            try:
+                with open(path, "rb") as f:
+                    cubin = f.read()
+            except OSError:
+                cubin = _compile_cubin(func, source)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(cubin)
+                os.replace(tmp, path)  # whole or absent: a run that dies mid-write leaves no half file
+            self.cubins[key] = func, cubin
+        return self.cubins[key]
+
+    def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None):
+        if self.fallback is None:
+            try:
+                func, cubin = self.cubin(inputs, template, output_dtypes)
+                return mx.fast.precompiled_cuda_kernel(
+                    name=func, compiled_source=cubin, inputs=inputs, output_shapes=output_shapes,
+                    output_dtypes=output_dtypes, scalars=[], grid=grid, threadgroup=threadgroup,
+                    init_value=init_value, ensure_row_contiguous=self.ensure_row_contiguous)
+            except Exception as e:  # no NVRTC, a compile error, an unwritable cache: MLX compiles it instead
+                print(f"fused_ops: {self.name} falls back to mx.fast.cuda_kernel, compiled in every run "
+                      f"({str(e).splitlines()[0][:200]})", flush=True)
+                self.fallback = mx.fast.cuda_kernel(self.name, self.inputs, self.outputs, self.source,
+                                                    header=self.header,
+                                                    ensure_row_contiguous=self.ensure_row_contiguous)
+        return self.fallback(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
+                             output_shapes=output_shapes, output_dtypes=output_dtypes, init_value=init_value)
 
 
 # Softcapped cross-entropy, one thread block per row of logits. The forward pass keeps a running (max, sum of exp) per thread, merges
@@ -109,9 +238,9 @@ _CE_THREADS = 256
 
 @functools.cache
 def _softcap_ce_kernels():
-    forward = mx.fast.cuda_kernel("softcap_ce_forward", ["logits", "targets", "cap"], ["loss", "lse"],
+    forward = _KeptKernel("softcap_ce_forward", ["logits", "targets", "cap"], ["loss", "lse"],
                                   _SOFTCAP_CE_FORWARD, header=_SOFTCAP_CE_HEADER)
-    backward = mx.fast.cuda_kernel("softcap_ce_backward", ["logits", "targets", "cap", "lse", "cotangent"],
+    backward = _KeptKernel("softcap_ce_backward", ["logits", "targets", "cap", "lse", "cotangent"],
                                    ["dlogits"], _SOFTCAP_CE_BACKWARD)
     return forward, backward
 
@@ -306,9 +435,9 @@ _EMBEDDING_BACKWARD = """
 
 @functools.cache
 def _embedding_kernels():
-    forward = mx.fast.cuda_kernel("embedding_forward", ["weight", "idx"], ["out"], _EMBEDDING_FORWARD,
+    forward = _KeptKernel("embedding_forward", ["weight", "idx"], ["out"], _EMBEDDING_FORWARD,
                                   header=_VECTOR_HEADER)
-    backward = mx.fast.cuda_kernel("embedding_backward", ["idx", "cotangent"], ["grad"], _EMBEDDING_BACKWARD,
+    backward = _KeptKernel("embedding_backward", ["idx", "cotangent"], ["grad"], _EMBEDDING_BACKWARD,
                                    header=_VECTOR_HEADER)
     return forward, backward
 

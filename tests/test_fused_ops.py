@@ -1,9 +1,14 @@
 """fused_ops.py: each op against its formula and autodiff, on the path the hardware takes (CUDA kernels on NVIDIA
 GPUs, MLX ops elsewhere) and on the MLX-ops path everywhere. The CUDA-only tests skip without a GPU."""
+import os
+import subprocess
+import sys
+
 import mlx.core as mx
 import pytest
 
 import fused_ops
+from conftest import ROOT
 
 ON_CUDA = pytest.mark.skipif(not fused_ops.KERNELS, reason="the fused kernels are CUDA only")
 
@@ -118,6 +123,32 @@ def test_fused_op_cuda_kernel(name, dtype):
     check_fused_op(name, dtype, atol=1e-4 if dtype == mx.float32 else bf16_atol)
     fn, reference, x = case(dtype)
     assert mx.allclose(mx.compile(fn)(x).astype(mx.float32), reference(x), atol=compiled_atol).item()
+
+
+@ON_CUDA
+def test_kernels_are_compiled_once_and_kept_on_disk(tmp_path):
+    """The cross-entropy and embedding kernels: compiled once per template by fused_ops (not by MLX in every
+    process), the cubin kept in the kernel cache, and what a second process loads gives the same numbers."""
+    env = {**os.environ, "MLX_PTX_CACHE_DIR": str(tmp_path)}
+    script = ("import fused_ops, mlx.core as mx\n"
+              "logits = mx.random.normal((64, 512), key=mx.random.key(0)).astype(mx.bfloat16)\n"
+              "targets = mx.arange(64) % 512\n"
+              "loss = fused_ops.softcap_cross_entropy(logits, targets, 15.0)\n"
+              "grad = mx.grad(lambda l: fused_ops.softcap_cross_entropy(l, targets, 15.0).sum())(logits)\n"
+              "rows = fused_ops.embedding_lookup(logits.astype(mx.float32), targets, mx.bfloat16)\n"
+              "kernels = fused_ops._softcap_ce_kernels() + fused_ops._embedding_kernels()\n"
+              "assert all(k.fallback is None for k in kernels), [k.name for k in kernels if k.fallback]\n"
+              "print(loss.sum().item(), grad.astype(mx.float32).abs().sum().item(), rows.sum().item())\n")
+    run = lambda: subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)  # noqa: E731
+    first = run()
+    assert first.returncode == 0, first.stderr
+    kept = sorted(p.name for p in (tmp_path / "fused_ops").iterdir())
+    assert len(kept) == 3 and all(name.endswith(".cubin") for name in kept)  # CE forward and backward, lookup
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "fused_ops").iterdir()}
+    second = run()
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "fused_ops").iterdir()} == stamps  # read, not rebuilt
 
 
 @ON_CUDA
