@@ -524,7 +524,7 @@ def run_agent(cfg):
     ledger.read_results(root)
     # settings the best kept run was not made with are refused now, not after the model's first reply
     experiment.Judgement(records, None, cfg.run, lambda c: gitops.is_ancestor(root, c, "HEAD"), None).check_settings(
-        experiment.planned_settings(cfg.run, here=not cfg.workers), branch)
+        experiment.planned_settings(cfg.run, here=not cfg.workers, root=root), branch)
     if cfg.workers:
         from autoresearch import parallel
         parallel.need_ray()

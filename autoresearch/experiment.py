@@ -68,13 +68,15 @@ def run_settings(result, opts):
     """The settings a run was made with, as compared between runs (gate.SETTINGS)."""
     f = result.facts
     return {"budget": f.get("budget") or opts.budget, "corpus": f.get("corpus"), "eval_request": f.get("eval_request"),
-            "eval_tokens": f.get("eval_tokens"), "device": f.get("device")}
+            "eval_tokens": f.get("eval_tokens"), "device": f.get("device"), "fixed_files": f.get("fixed_files")}
 
 
-def planned_settings(opts, here=True):
-    """The settings a run will have, as far as they are known before it starts (`here`: on this machine)."""
+def planned_settings(opts, here=True, root=None):
+    """The settings a run will have, as far as they are known before it starts (`here`: on this machine; `root`:
+    the checkout whose fixed modules it will import)."""
     return {"budget": opts.budget, "corpus": runner.corpus_identity() if here else None,
-            "eval_request": runner.eval_request(), "device": runner.device_key(runner.hardware()) if here else None}
+            "eval_request": runner.eval_request(), "device": runner.device_key(runner.hardware()) if here else None,
+            "fixed_files": runner.fixed_identity(root) if root else None}
 
 
 def make_record(kind, branch, opts, result, seed, commit, content_hash, started, hardware=None, **extra):
@@ -123,9 +125,12 @@ class Judgement:
         """Refuse, before anything changes, a run that could not be compared with the best kept run."""
         diffs = gate.settings_differ(planned, self.reference)
         if diffs:
+            fixed = (f"\n  {', '.join(runner.FIXED_FILES)} are fixed: restore them as they were in the best kept run "
+                     f"with git checkout {self.best_rec['commit'][:12]} -- {' '.join(runner.FIXED_FILES)}"
+                     if any(d.startswith("fixed_files") for d in diffs) else "")
             raise Refusal(f"this run would not be comparable with the best kept run on {branch} ({'; '.join(diffs)}). "
                           f"Use the same settings, or start a new baseline on a new branch: "
-                          f"git checkout -b autoresearch/<new-tag>")
+                          f"git checkout -b autoresearch/<new-tag>{fixed}")
 
     def decide(self, outcomes, settings=None):
         """gate.decide() with this candidate's options and pool: (verdict, reason, values, more)."""
@@ -253,7 +258,7 @@ def run_experiment(opts):
         j = Judgement(s.records, s.noise, opts, s.in_history, chash)
         if not opts.rerun:
             refuse_if_already_run(s.records, chash)
-        j.check_settings(planned_settings(opts), s.branch)
+        j.check_settings(planned_settings(opts, root=s.root), s.branch)
         seeds = j.seeds()
 
         base = gitops.head(root)
@@ -344,7 +349,7 @@ def run_noise(opts):
                           "Run the change as an experiment first (autoresearch run -m ...), or revert it.")
         commit, chash = gitops.head(root), gitops.content_hash(root)
         j = Judgement(s.records, s.noise, opts, s.in_history, chash)
-        j.check_settings(planned_settings(opts), s.branch)
+        j.check_settings(planned_settings(opts, root=s.root), s.branch)
         seeds = j.seeds(n=opts.runs)
         say(f"noise: running {short(commit)} {opts.runs} times (seeds {', '.join(map(str, seeds))}), "
             f"timeout {opts.hard_timeout():.0f} s each")

@@ -4,6 +4,7 @@ progress line on the terminal, and the `---` summary block parsed at the end. Al
 settings (budget, corpus, evaluation size, device), steps, tok/s and start-up time, read from its output.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,8 @@ PROGRESS_PIPE_EVERY = 30.0      # ...and when captured by an agent's tool (one l
 PROGRESS_WIDTH = 110
 TAIL_LINES = 25                 # log lines shown after a crash
 DEFAULT_CACHE = os.path.join("~", ".cache", "autoresearch")  # prepare.py's default cache directory
+# the modules train.py runs on that the agent never edits: the metric, the data, the fused ops
+FIXED_FILES = ("prepare.py", "data_cache.py", "local_corpus.py", "token_shards.py", "fused_ops.py")
 DECIMAL = r"\d+(?:\.\d+)?"       # numbers read from train.py's own lines (it may print anything: never crash on it)
 
 
@@ -116,6 +119,19 @@ def eval_request(env=None):
     return env.get("AUTORESEARCH_EVAL_TOKENS") or "default"
 
 
+def fixed_identity(root):
+    """A short hash of the fixed modules as they are in `root`: runs made on other fixed files (another metric,
+    another loader) are not comparable, even when the change was committed."""
+    h = hashlib.sha256()
+    for name in FIXED_FILES:
+        try:
+            with open(os.path.join(root, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read() + b"\0")
+        except OSError:
+            h.update(name.encode() + b"\0(missing)\0")
+    return h.hexdigest()[:12]
+
+
 def corpus_identity(env=None):
     """Which corpus the cache train.py will read holds: prepare.py's data/source.json ({"source": "local",
     "sha256": ...} or {"source": "climbmix", "url": ...}), or None if there is none."""
@@ -192,6 +208,7 @@ def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, 
     result = RunResult()
     chunks, last_line = [], [""]
     corpus = corpus_identity(env)  # read before the run: the cache this run trains on
+    fixed = fixed_identity(root)  # and the fixed modules it imports
     log = open(log_path, "wb")
     start = time.monotonic()
     # own session = own process group: the timeout kills train.py and everything it started, and a Ctrl-C on
@@ -247,7 +264,7 @@ def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, 
     text = b"".join(chunks).decode(errors="replace")
     result.summary = parse_summary(text)
     result.facts = {**run_facts(text, result.summary), "corpus": corpus, "device": device_key(hardware()),
-                    "eval_request": eval_request(env)}
+                    "eval_request": eval_request(env), "fixed_files": fixed}
     result.tail = [line for line in text.replace("\r", "\n").split("\n") if line.strip()][-TAIL_LINES:]
     return result
 

@@ -69,6 +69,27 @@ def test_another_corpus_is_refused(repo, tmp_path):
     assert r.returncode == 2 and "corpus" in r.stderr
 
 
+def test_committed_changes_to_the_fixed_modules_are_refused(repo):
+    # the metric lives in prepare.py: a committed edit there (here: a new file among the fixed modules) would make
+    # every later val_bpb incomparable with the best's, although train.py alone looks changed
+    base = baseline(repo)
+    assert len(ledger(repo)[0]["settings"]["fixed_files"]) == 12
+    with open(os.path.join(repo, "prepare.py"), "w") as f:
+        f.write("def evaluate_bpb(*args):\n    return 0.9 * 1.0  # a kinder metric\n")
+    git(repo, "add", "prepare.py")
+    git(repo, "commit", "-q", "-m", "tweak the metric")
+    text = edit(repo, BPB=0.5)
+    head = git(repo, "rev-parse", "HEAD")
+    r = ar(repo, "run", "-m", "better?")
+    assert r.returncode == 2 and "fixed_files" in r.stderr, r.stderr
+    assert f"git checkout {base[:12]} -- prepare.py data_cache.py" in r.stderr
+    unchanged(repo, head, text, 1)
+    git(repo, "rm", "-q", "prepare.py")  # the fixed modules as the best kept run had them (none, here)
+    git(repo, "commit", "-q", "-m", "restore")
+    r = ar(repo, "run", "-m", "better, on the same metric")
+    assert r.returncode == 0 and "verdict:      keep" in r.stdout, r.stdout + r.stderr
+
+
 def test_a_run_that_changes_its_own_evaluation_is_not_compared(repo):
     base = baseline(repo)
     edit(repo, BPB=0.5, EVAL_TOKENS=512)  # a train.py that evaluates on fewer tokens "improves" a lot
