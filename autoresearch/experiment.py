@@ -68,7 +68,8 @@ def run_settings(result, opts):
     """The settings a run was made with, as compared between runs (gate.SETTINGS)."""
     f = result.facts
     return {"budget": f.get("budget") or opts.budget, "corpus": f.get("corpus"), "eval_request": f.get("eval_request"),
-            "eval_tokens": f.get("eval_tokens"), "device": f.get("device"), "fixed_files": f.get("fixed_files")}
+            "eval_tokens": f.get("eval_tokens"), "device": f.get("device"), "fixed_files": f.get("fixed_files"),
+            "untimed_steps": f.get("untimed_steps")}  # steps trained before the clock starts: free training
 
 
 def planned_settings(opts, here=True, root=None):

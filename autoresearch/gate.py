@@ -29,7 +29,7 @@ MARGIN_FLOOR = 0.001     # never trust gains below this, however quiet the hardw
 OK_VERDICTS = ("keep", "discard", "noise", "remeasure")  # runs whose val_bpb is a valid measurement
 # what must be equal for two runs to be compared: eval_request is AUTORESEARCH_EVAL_TOKENS as set (or "default"),
 # known before a run; eval_tokens what the run says it evaluated
-SETTINGS = ("budget", "corpus", "eval_request", "eval_tokens", "device", "fixed_files")
+SETTINGS = ("budget", "corpus", "eval_request", "eval_tokens", "device", "fixed_files", "untimed_steps")
 
 
 def branch_records(ledger, branch):

@@ -119,8 +119,8 @@ def read_results(root):
     path = os.path.join(root, RESULTS_FILE)
     if not os.path.exists(path):
         return []
-    hint = (f"Fix {RESULTS_FILE} by hand, or move it away and run `autoresearch rebuild-tsv` to rewrite it "
-            f"from {STATE_DIR}/{LEDGER_FILE}.")
+    hint = (f"Move it away and run `autoresearch rebuild-tsv` to rewrite it from {STATE_DIR}/{LEDGER_FILE} "
+            "(the ledger holds every run).")
     with open(path) as f:
         lines = f.read().splitlines()
     if not lines:

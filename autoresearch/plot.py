@@ -23,29 +23,33 @@ FIGSIZE = (12, 6)
 DPI = 120
 
 
-def series(records, margin=None):
+def series(records, margin=None, in_history=lambda commit: True):
     """What the plot draws: (experiment number, value[, record]) of kept and discarded experiments, the crashes'
     numbers, the margin in force at each experiment (the record's, else `margin`), the bar a single run had to
-    beat the best by there (for the best's pool of that time), and the bar for the next run, against today's best."""
+    beat the best by there (for the best's pool of that time), and the bar for the next run, against today's best.
+    A kept commit no longer in the branch's history (a `git reset --hard` past it) is drawn as discarded, as
+    status and the gate no longer count it."""
     exps = [r for r in gate.experiments(records) if r["verdict"] != "interrupted"]
     xs = [r.get("exp") or i for i, r in enumerate(exps, 1)]
     vals = [gate.shown_value(records, r) if r["verdict"] in ("keep", "discard") else None for r in exps]
     vals = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in vals]
     margins = [r.get("margin") if isinstance(r.get("margin"), (int, float)) else margin for r in exps]
-    best_rec, _ = gate.best_kept(records)
+    best_rec, _ = gate.best_kept(records, in_history)
     n_best = len(gate.pool(records, best_rec["content_hash"])) if best_rec else 1
     now = margin if margin is not None else next((m for m in reversed(margins) if m), None)
     return {"exps": exps, "xs": xs, "vals": vals,
-            "kept": [(x, v, r) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "keep"],
-            "discarded": [(x, v) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "discard"],
+            "kept": [(x, v, r) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "keep"
+                     and in_history(r["commit"])],
+            "discarded": [(x, v) for x, v, r in zip(xs, vals, exps) if v is not None and
+                          (r["verdict"] == "discard" or not in_history(r["commit"]))],
             "crash": [x for x, r in zip(xs, exps) if r["verdict"] == "crash"],
             "margins": margins,
             "bars": [gate.bar(m, 1, r.get("best_runs") or 1) if m else None for m, r in zip(margins, exps)],
             "next_bar": gate.bar(now, 1, max(n_best, 1)) if now else None, "next_best_runs": n_best}
 
 
-def make_plot(records, path, title="", margin=None):
-    s = series(records, margin)
+def make_plot(records, path, title="", margin=None, in_history=lambda commit: True):
+    s = series(records, margin, in_history)
     exps, xs, vals, kept, disc, crash, bars = (s[k] for k in ("exps", "xs", "vals", "kept", "discarded", "crash",
                                                                "bars"))
 

@@ -110,7 +110,8 @@ def run_facts(text, summary):
             "tok_per_sec": round(tok_per_sec, 1) if tok_per_sec is not None else None,
             "startup_seconds": round(startup, 1) if startup is not None else None,
             "eval_tokens": int(eval_tokens) if eval_tokens is not None else None,
-            "budget": float(budget) if budget else None}
+            "budget": float(budget) if budget else None,
+            "untimed_steps": int(untimed) if untimed is not None else None}
 
 
 def eval_request(env=None):

@@ -6,6 +6,7 @@ bad setting gets as far as a commit. Against the fixture train.py, like test_har
 
 import json
 import os
+import re
 import statistics
 import time
 
@@ -88,6 +89,14 @@ def test_committed_changes_to_the_fixed_modules_are_refused(repo):
     git(repo, "commit", "-q", "-m", "restore")
     r = ar(repo, "run", "-m", "better, on the same metric")
     assert r.returncode == 0 and "verdict:      keep" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_run_that_trains_before_its_clock_starts_is_not_compared(repo):
+    base = baseline(repo)
+    edit(repo, BPB=0.5, UNTIMED=10)  # 10 "compile" steps: free training outside the time budget
+    r = ar(repo, "run", "-m", "more untimed steps")
+    assert r.returncode == 0 and "verdict:      discard" in r.stdout and "untimed_steps 10 vs 0" in r.stdout, r.stdout
+    assert git(repo, "rev-parse", "HEAD") == base and runs(repo)[-1]["comparable"] is False
 
 
 def test_a_run_that_changes_its_own_evaluation_is_not_compared(repo):
@@ -278,6 +287,21 @@ def test_the_plot_draws_the_bar_a_single_run_must_beat(repo):
     assert os.path.exists(plot.make_plot(recs, os.path.join(repo, "p.png"), margin=0.02))
 
 
+def test_the_plot_drops_a_keep_that_a_reset_took_out_of_the_history(repo):
+    from autoresearch import gitops, plot
+
+    base = baseline(repo)
+    edit(repo, BPB=0.5)
+    r = ar(repo, "run", "-m", "better")
+    assert "verdict:      keep" in r.stdout, r.stdout
+    kept = git(repo, "rev-parse", "HEAD")
+    git(repo, "reset", "-q", "--hard", base)  # as a "go back:" line tells the agent to
+    s = plot.series(ledger(repo), margin=0.02, in_history=lambda c: gitops.is_ancestor(repo, c, "HEAD"))
+    assert [r["commit"] for _, _, r in s["kept"]] == [base] and (2, 0.5) in s["discarded"]
+    assert re.search(r"^best: +1\.000000", ar(repo, "status").stdout, re.M)  # what status says too
+    assert ar(repo, "plot").returncode == 0 and kept != base
+
+
 def test_after_a_simpler_keep_the_reference_is_its_pooled_mean(repo):
     edit(repo, NOISE=0.002)
     git(repo, "commit", "-qam", "noisy fixture")
@@ -412,7 +436,7 @@ def test_run_facts_from_train_py_output():
             "total_seconds: 25.3\nnum_steps: 12\ntotal_tokens_M: 0.0\n")
     facts = runner.run_facts(text, runner.parse_summary(text))
     assert facts == {"steps": 12, "tok_per_sec": round(10 * 4096 / 15.2, 1), "startup_seconds": 3.8,
-                     "eval_tokens": 131072, "budget": 15.0}
+                     "eval_tokens": 131072, "budget": 15.0, "untimed_steps": 2}
     # summary keys win over the lines; whatever an edited train.py prints, the harness reads it without failing
     text += "eval_tokens: 8192\nstartup_seconds: 2.0\n"
     assert runner.run_facts(text, runner.parse_summary(text))["eval_tokens"] == 8192
