@@ -392,7 +392,8 @@ def train_tokenizer():
     ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
     if len(ranks) != VOCAB_SIZE - len(SPECIAL_TOKENS):
         raise PrepareError(f"the corpus is too small for a {VOCAB_SIZE}-token vocabulary: BPE ran out of merges "
-                           f"at {len(ranks)} tokens. Use more text.")
+                           f"at {len(ranks)} tokens. Use more text: the cache now holds this corpus, so prepare "
+                           f"the bigger one with --force (or into another --cache-dir).")
     by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
     token_bytes = np.array([len(t) for t, _ in by_rank] + [0] * len(SPECIAL_TOKENS), dtype=np.int32)
     meta = {"vocab_size": VOCAB_SIZE, "pattern": bpe.get_pattern(), "special_tokens": SPECIAL_TOKENS, "source": source}

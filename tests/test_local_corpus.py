@@ -158,3 +158,16 @@ def test_bad_corpus(tmp_path, name, content, message):
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not glob.glob(str(cache / "data" / "*.parquet*"))
     assert not glob.glob(str(cache / "tokenizer" / "*"))
+
+
+def test_a_corpus_too_small_for_the_tokenizer_says_how_to_replace_it(tmp_path):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.txt").write_text(f"a short note number {i}, far too little text for 8192 tokens.\n")
+    cache = tmp_path / "cache"
+    small = run_prepare("--source", str(folder), "--cache-dir", str(cache))
+    assert small.returncode == 1 and "too small" in small.stderr and "--force" in small.stderr, small.stderr
+    # following the message works: a bigger corpus replaces it in the same cache
+    bigger = run_prepare("--source", "sample", "--cache-dir", str(cache), "--force")
+    assert bigger.returncode == 0, bigger.stderr
