@@ -203,7 +203,8 @@ def refuse_if_already_run(records, content_hash, queued=None):
         what = f"candidate {queued[0]['id']} ({queued[0]['description']!r}) is queued"
     else:
         e = earlier[-1]
-        val = f"val_bpb {e['val_bpb']:.6f}, " if isinstance(e.get("val_bpb"), float) else ""
+        shown = gate.shown_value(records, e)  # the number results.tsv and status show for it
+        val = f"val_bpb {shown:.6f}, " if isinstance(shown, float) else ""
         what = f"commit {short(e['commit'])} ran it ({val}{e['verdict']}: {e['description']!r})"
     raise Refusal(f"this exact train.py was already run or queued: {what}.\n"
                   "  Edit train.py to try something new, or pass --rerun to add a run to its pool on purpose.")

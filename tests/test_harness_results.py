@@ -442,3 +442,15 @@ def test_run_facts_from_train_py_output():
     assert runner.run_facts(text, runner.parse_summary(text))["eval_tokens"] == 8192
     for junk in ("Time budget: .s\nStartup: xs\n---\nnum_steps: nan\ntraining_seconds: 0\n", "---\neval_tokens: inf\n"):
         assert set(runner.run_facts(junk, runner.parse_summary(junk)).values()) == {None}
+
+
+def test_the_already_run_refusal_quotes_the_pooled_mean(repo):
+    edit(repo, NOISE=0.002)
+    git(repo, "commit", "-qam", "noisy fixture")
+    baseline(repo)
+    assert ar(repo, "noise", "-n", "2").returncode == 0
+    first = runs(repo)[0]
+    mean = gate.shown_value(ledger(repo), first)
+    assert round(mean, 6) != round(first["val_bpb"], 6)
+    r = ar(repo, "run", "-m", "same again")
+    assert r.returncode == 2 and f"val_bpb {mean:.6f}" in r.stderr, r.stderr  # as results.tsv and status show it
