@@ -3,6 +3,7 @@ The few git operations the harness needs. Every one of them touches train.py onl
 other files, staged or not, are never rewritten, so a user's own work can't be lost.
 """
 
+import ast
 import hashlib
 import os
 import re
@@ -80,6 +81,24 @@ def check_clean(root, allow_train=True):
                       "stash them, before running an experiment.")
     if not is_tracked(root, TRAIN_FILE):
         raise Refusal("train.py is not tracked by git here; commit it once (git add train.py && git commit) first.")
+    missing = untracked_imports(root)
+    if missing:
+        raise Refusal(f"train.py imports {', '.join(missing)}, which git does not track: the harness commits train.py "
+                      "alone, so a kept commit would not run without it. Put that code in train.py.")
+
+
+def untracked_imports(root):
+    """Files or folders beside train.py that it imports and git does not track."""
+    try:
+        with open(os.path.join(root, TRAIN_FILE)) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return []  # a train.py that does not parse is a crash of its own
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    return [path for name in sorted(names) for path in (f"{name}.py", name)
+            if os.path.exists(os.path.join(root, path)) and not is_tracked(root, path)]
 
 
 def is_tracked(root, path):

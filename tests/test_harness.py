@@ -214,6 +214,19 @@ def test_timeout_kills_the_whole_process_group(repo):
     assert git(repo, "rev-parse", "HEAD") == base
 
 
+def test_a_train_py_that_imports_an_untracked_file_is_refused(repo):
+    base = baseline(repo)
+    with open(os.path.join(repo, "helper_lr.py"), "w") as f:
+        f.write("LR = 0.1\n")
+    text = edit(repo, append="\nfrom helper_lr import LR  # noqa\n")
+    r = ar(repo, "run", "-m", "lr from a helper module")
+    assert r.returncode == 2 and "helper_lr.py" in r.stderr and "does not track" in r.stderr, r.stderr
+    assert git(repo, "rev-parse", "HEAD") == base and read(repo) == text
+    git(repo, "add", "helper_lr.py")  # tracked (and committed with it, by the user): fine
+    git(repo, "commit", "-q", "-m", "helper", "--", "helper_lr.py")
+    assert ar(repo, "run", "-m", "lr from a committed helper").returncode == 0
+
+
 def test_identical_train_py_is_not_rerun_unless_asked(repo):
     baseline(repo)
     r = ar(repo, "run", "-m", "same again")
