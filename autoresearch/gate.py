@@ -151,6 +151,9 @@ def judge(val, best, m, simpler=False, n=1, n_best=1):
           else f"margin {m:.4f}")
     gain = best - val
     if simpler:
+        if gain > b:  # kept as a simplification, on this one pool: not confirmed as an improvement
+            return "keep", (f"simplification, and {gain:.4f} better than best {best:.6f} ({vs}); as a gain it would "
+                            f"need confirming: run it again with --rerun")
         if gain >= -b:
             return "keep", f"simplification: {val:.6f} is within the bar of best {best:.6f} ({vs})"
         return "discard", f"simplification, but {val:.6f} is worse than best {best:.6f} by more than the bar ({vs})"

@@ -59,6 +59,8 @@ def summarize(records, noise=None, in_history=lambda commit: True):
         "margin": gate.margin(noise)[0], "overhead_mean": sum(overheads) / len(overheads) if overheads else None,
         "last": exps, "remeasured": sum(bool(r.get("remeasure")) for r in gate.verdicts(records)),
         "fails_bar": again[-1] if again and again[-1].get("fails_bar") else None,
+        "head_record": current, "head": gate.reference_value(records, current["content_hash"]) if current else None,
+        "head_runs": len(gate.pool(records, current["content_hash"])) if current else 0,
     }
 
 
@@ -88,6 +90,10 @@ def render(root, branch, n_last=LAST_RUNS):
         out.append(f"best:            {_fmt(s['best'])} ({_runs(s['best_runs'])})  {short(b['commit'])}  "
                    f"{b['description']!r}")
         out.append(f"baseline:        {_fmt(s['baseline'])} ({_runs(s['baseline_runs'])})  {short(base['commit'])}")
+        head = s["head_record"]
+        if head and head["commit"] != b["commit"]:  # a --simpler keep, slightly worse than the best, is the base
+            out.append(f"branch stands on: {_fmt(s['head'])} ({_runs(s['head_runs'])})  {short(head['commit'])}  "
+                       f"{head['description']!r}: the last kept commit, where the next experiment starts")
         gain = s["baseline"] - s["best"]
         out.append("improvement:     " + (f"best is {gain:.4f} below the baseline (val_bpb: lower is better)"
                                           if gain > 0 else "none yet: the best is still the baseline"))

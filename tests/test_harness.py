@@ -330,6 +330,9 @@ def test_judge_rules():
     assert gate.judge(0.995, 1.0, 0.01)[0] == "discard"
     assert gate.judge(1.005, 1.0, 0.01, simpler=True)[0] == "keep"
     assert gate.judge(1.02, 1.0, 0.01, simpler=True)[0] == "discard"
+    # a simplification that is also clearly better says so, and that the gain itself is not confirmed
+    verdict, reason = gate.judge(0.97, 1.0, 0.01, simpler=True)
+    assert verdict == "keep" and "0.0300 better" in reason and "--rerun" in reason and "within the bar" not in reason
     assert gate.margin(None)[0] == gate.DEFAULT_MARGIN
     assert gate.margin({"std": 0.0001})[0] == gate.MARGIN_FLOOR
     assert gate.margin({"std": 0.01})[0] == pytest.approx(0.02)

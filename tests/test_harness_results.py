@@ -246,6 +246,7 @@ def test_rerun_of_a_kept_simplification_that_drifted_worse_says_how_to_go_back(r
     assert "experiments:     2 = 2 kept (baseline included) + 0 discarded" in status and "keep rate:       100%" in status
     assert f"no longer clears the bar it was kept on ({base[:7]} is better" in status
     assert f"git reset --hard {base[:7]}" in status and f"best:            1.000000 (mean of 1 run)  {base[:7]}" in status
+    assert f"branch stands on: {(first + second) / 2:.6f} (mean of 2 runs)  {simpler[:7]}" in status  # the base
     assert len(plot.series(ledger(repo))["kept"]) == 2
     git(repo, "reset", "--hard", base)  # the printed command: the branch is back on the baseline, no warning
     assert "no longer clears" not in ar(repo, "status").stdout
