@@ -28,6 +28,7 @@ DEFAULT_CACHE = os.path.join("~", ".cache", "autoresearch")  # prepare.py's defa
 # the modules train.py runs on that the agent never edits: the metric, the data, the fused ops
 FIXED_FILES = ("prepare.py", "data_cache.py", "local_corpus.py", "token_shards.py", "fused_ops.py")
 DECIMAL = r"\d+(?:\.\d+)?"       # numbers read from train.py's own lines (it may print anything: never crash on it)
+MAX_UNTIMED_STEPS = 2           # program.md: steps before the clock starts compile the graphs, they don't train
 
 
 @dataclass
@@ -58,6 +59,9 @@ class RunResult:
             return "train.py exited 0 but printed no val_bpb summary"
         if self.val_bpb is None or not math.isfinite(self.val_bpb):
             return f"val_bpb is {self.summary['val_bpb']}"
+        if (self.facts.get("untimed_steps") or 0) > MAX_UNTIMED_STEPS:
+            return (f"train.py trained {self.facts['untimed_steps']} steps before its clock started (UNTIMED_STEPS: at "
+                    f"most {MAX_UNTIMED_STEPS}, to compile the graphs); set it back to {MAX_UNTIMED_STEPS}")
         return None
 
 

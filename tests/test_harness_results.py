@@ -93,10 +93,20 @@ def test_committed_changes_to_the_fixed_modules_are_refused(repo):
 
 def test_a_run_that_trains_before_its_clock_starts_is_not_compared(repo):
     base = baseline(repo)
-    edit(repo, BPB=0.5, UNTIMED=10)  # 10 "compile" steps: free training outside the time budget
-    r = ar(repo, "run", "-m", "more untimed steps")
-    assert r.returncode == 0 and "verdict:      discard" in r.stdout and "untimed_steps 10 vs 0" in r.stdout, r.stdout
+    edit(repo, BPB=0.5, UNTIMED=1)  # fewer or more untimed steps than the best's: not the same measurement
+    r = ar(repo, "run", "-m", "fewer untimed steps")
+    assert r.returncode == 0 and "verdict:      discard" in r.stdout and "untimed_steps 1 vs 0" in r.stdout, r.stdout
     assert git(repo, "rev-parse", "HEAD") == base and runs(repo)[-1]["comparable"] is False
+
+
+def test_more_than_two_untimed_steps_is_a_crash_even_as_a_baseline(repo):
+    # free training outside the budget: no result, also on a fresh branch where nothing could be compared
+    edit(repo, BPB=0.5, UNTIMED=6)
+    git(repo, "commit", "-qam", "six untimed steps")
+    r = ar(repo, "run", "-m", "baseline with 6 untimed steps")
+    assert r.returncode == 1 and "verdict:      crash" in r.stdout and "trained 6 steps before its clock" in r.stdout, \
+        r.stdout
+    assert not [x for x in runs(repo) if x["verdict"] == "keep"]
 
 
 def test_a_run_that_changes_its_own_evaluation_is_not_compared(repo):
