@@ -21,9 +21,11 @@ import glob
 import hashlib
 import os
 import tempfile
+from pathlib import Path
 
 import prepare  # noqa: F401  (before mlx: prepare.py picks the CPU BLAS that MLX then loads)
 import mlx.core as mx
+from data_cache import write_atomic
 
 KERNELS = prepare.HARDWARE.backend == "cuda"  # CUDA kernels and CUDA paths; False: MLX ops only
 
@@ -160,10 +162,7 @@ class _KeptKernel:
             except OSError:
                 cubin = _compile_cubin(func, source)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.{os.getpid()}.tmp"
-                with open(tmp, "wb") as f:
-                    f.write(cubin)
-                os.replace(tmp, path)  # whole or absent: a run that dies mid-write leaves no half file
+                write_atomic(path, lambda tmp: Path(tmp).write_bytes(cubin))  # no half file if a run dies here
             self.cubins[key] = func, cubin
         return self.cubins[key]
 
