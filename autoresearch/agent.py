@@ -15,7 +15,6 @@ agent.json (the agent's state, read by `status`), notes.md (the model's NOTE: li
 
 import email.utils
 import fcntl
-import hashlib
 import json
 import os
 import signal
@@ -87,7 +86,7 @@ def say(*lines):
 
 
 def text_hash(text):
-    return hashlib.sha256(text.encode()).hexdigest()[:16]  # the same as gitops.content_hash of that file
+    return gitops.hash_bytes(text.encode())  # what gitops.content_hash gives for that file
 
 
 def read_train(root):
@@ -274,14 +273,6 @@ class Agent:
     def in_history(self, commit):
         return gitops.is_ancestor(self.root, commit, "HEAD")
 
-    def crashes_in_row(self):
-        n = 0
-        for r in reversed([r for r in gate.experiments(self.records()) if r["verdict"] != "interrupted"]):
-            if r["verdict"] != "crash":
-                break
-            n += 1
-        return n
-
     def next_exp(self):
         return len(gate.experiments(self.records())) + 1
 
@@ -452,7 +443,7 @@ class Agent:
             raise Stop(1, f"a noise run failed; look at {runner.LOG_FILE}, then start again")
 
     def guidance(self):
-        n = self.crashes_in_row()
+        n = gate.crashes_in_row(self.records())
         if n >= 2 * self.cfg.max_crashes:
             raise Stop(1, f"{n} crashes in a row even after asking for something different; read "
                           f"{runner.LOG_FILE} (the set-up may be broken), then start again")
@@ -523,7 +514,7 @@ def run_agent(cfg):
     records = gate.branch_records(ledger.read_ledger(root), branch)
     ledger.read_results(root)
     # settings the best kept run was not made with are refused now, not after the model's first reply
-    experiment.Judgement(records, None, cfg.run, lambda c: gitops.is_ancestor(root, c, "HEAD"), None).check_settings(
+    experiment.Judgement(records, None, cfg.run, gitops.history(root), None).check_settings(
         experiment.planned_settings(cfg.run, here=not cfg.workers, root=root), branch)
     if cfg.workers:
         from autoresearch import parallel

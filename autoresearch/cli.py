@@ -278,8 +278,8 @@ def main(argv=None):
             from autoresearch import plot  # matplotlib only when asked for
             records = gate.branch_records(ledger.read_ledger(root), branch)
             margin = gate.margin(ledger.read_noise(root, branch))[0]
-            ref = args.branch or "HEAD"  # kept commits a reset took out of this history are not kept any more
-            in_history = (lambda c: gitops.is_ancestor(root, c, ref)) if gitops.head(root) else (lambda c: True)
+            # kept commits a reset took out of this history are not kept any more
+            in_history = gitops.history(root, args.branch or "HEAD")
             path = plot.make_plot(records, args.output or os.path.join(root, plot.PLOT_FILE), title=branch,
                                   margin=margin, in_history=in_history)
             print(f"wrote {path}")

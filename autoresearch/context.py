@@ -100,7 +100,7 @@ def build(root, branch, last_crash=None, pending=(), guidance=None, in_history=N
     """[system, user] messages for the next experiment. `in_history(commit)`: is a kept commit still on the
     branch (default: ask git)."""
     records = gate.branch_records(ledger.read_ledger(root), branch)
-    in_history = in_history or (lambda c: gitops.is_ancestor(root, c, "HEAD"))
+    in_history = in_history or gitops.history(root)
     best_rec, best = gate.best_kept(records, in_history)
     kept = gate.kept(records, in_history)
     exps = gate.experiments(records)

@@ -31,13 +31,6 @@ def _path(root, name):
     return os.path.join(ledger.state_dir(root), name)
 
 
-def _read(root, name):
-    try:
-        with open(_path(root, name)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
 
 def _write(root, name, data):
     ledger.write_atomic(_path(root, name), json.dumps(data, indent=2) + "\n")
@@ -57,12 +50,12 @@ def _alive(pid):
 
 def current(root):
     """The latest detached command if its outcome has not been printed by `wait` yet, else None."""
-    info = _read(root, INFO_FILE)
+    info = ledger.read_state_file(root, INFO_FILE)
     return info if info and not info.get("reported") else None
 
 
 def _done(root, info):
-    done = _read(root, DONE_FILE)
+    done = ledger.read_state_file(root, DONE_FILE)
     return done if done and done.get("id") == info["id"] else None
 
 
@@ -146,7 +139,7 @@ def wait(root, timeout=None):
 
 def nothing_to_wait_for(root):
     """True (and says so) if the last detached command was already reported and parallel mode was never used."""
-    info = _read(root, INFO_FILE)
+    info = ledger.read_state_file(root, INFO_FILE)
     parallel_used = os.path.exists(os.path.join(root, ledger.STATE_DIR, candidates.QUEUE_FILE))
     if not info or not info.get("reported") or parallel_used:
         return False

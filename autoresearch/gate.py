@@ -46,6 +46,16 @@ def experiments(records):
     return [r for r in verdicts(records) if not r.get("remeasure")]
 
 
+def crashes_in_row(records):
+    """How many of the latest finished experiments crashed, counting back to the last that did not."""
+    n = 0
+    for r in reversed([r for r in experiments(records) if r["verdict"] != "interrupted"]):
+        if r["verdict"] != "crash":
+            break
+        n += 1
+    return n
+
+
 def valid_value(record):
     v = record.get("val_bpb")
     return (isinstance(v, (int, float)) and math.isfinite(v) and record.get("verdict") in OK_VERDICTS + ("confirm",)

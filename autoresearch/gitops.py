@@ -4,6 +4,7 @@ other files, staged or not, are never rewritten, so a user's own work can't be l
 """
 
 import ast
+import functools
 import hashlib
 import os
 import re
@@ -110,11 +111,16 @@ def train_changed(root):
     return bool(git(root, "diff", "--name-only", "HEAD", "--", TRAIN_FILE))
 
 
+def hash_bytes(data):
+    """The short hash that names a train.py's content everywhere (ledger, pools, the agent's tried set)."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def content_hash(root):
     """A short hash of train.py's bytes, or None if there is no train.py."""
     try:
         with open(os.path.join(root, TRAIN_FILE), "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:16]
+            return hash_bytes(f.read())
     except FileNotFoundError:
         return None
 
@@ -143,6 +149,14 @@ def commit_train(root, message):
 def is_ancestor(root, older, newer):
     return subprocess.run(["git", "merge-base", "--is-ancestor", older, newer], cwd=root,
                           capture_output=True).returncode == 0
+
+
+def history(root, ref="HEAD", empty=True):
+    """`in_history(commit)`: is the commit in ref's history? One git call per commit, for one reading of the
+    ledger (a later commit or reset needs a new predicate). Where ref does not exist: `empty` for every commit."""
+    if rev(root, ref) is None:
+        return lambda commit: empty
+    return functools.lru_cache(maxsize=None)(lambda commit: is_ancestor(root, commit, ref))
 
 
 def revert_train(root, kept, message):

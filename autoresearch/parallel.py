@@ -61,7 +61,7 @@ def submit(opts, address=None, workers=None, idle=None):
                       if c["branch"] == branch and c["content_hash"] == chash]
             experiment.refuse_if_already_run(gate.branch_records(records, branch), chash, queued)
         j = experiment.Judgement(gate.branch_records(records, branch), ledger.read_noise(root, branch), opts,
-                                 lambda commit: gitops.is_ancestor(root, commit, "HEAD"), chash)
+                                 gitops.history(root), chash)
         j.check_settings(experiment.planned_settings(opts, here=False), branch)  # the device is checked after the run
         opts.seed = j.seeds(n=1)[0]
         tip = gitops.head(root)

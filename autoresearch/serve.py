@@ -153,9 +153,9 @@ class Coordinator:
         Returns the record, or None while jobs are still to run."""
         root, branch, opts = self.root, c["branch"], options(c)
         ref = f"refs/heads/{branch}"
-        tip = gitops.rev(root, ref)
+        tip = gitops.rev(root, ref)  # the branch as it is now: judged against, even if it moves meanwhile
         records = gate.branch_records(ledger.read_ledger(root), branch)
-        in_history = (lambda commit: gitops.is_ancestor(root, commit, tip)) if tip else (lambda commit: False)
+        in_history = gitops.history(root, tip) if tip else (lambda commit: False)
         j = Judgement(records, ledger.read_noise(root, branch), opts, in_history, c["content_hash"])
         confirm_seeds = c["seeds"][1:] or [s for s in j.seeds() if s != c["seed"]][:opts.confirm]
 

@@ -31,11 +31,6 @@ def summarize(records, noise=None, in_history=lambda commit: True):
     baseline = kept[0] if kept else None
     tried = [r for r in done if r is not baseline]
     keeps = [r for r in tried if r["verdict"] == "keep"]
-    crashes_in_row = 0
-    for r in reversed(done):
-        if r["verdict"] != "crash":
-            break
-        crashes_in_row += 1
     times = [(_time(r.get("start_time")), r.get("harness_seconds") or r.get("wall_seconds") or 0) for r in exps]
     times = [(t, d) for t, d in times if t is not None]
     hours = (max(t + d for t, d in times) - min(t for t, _ in times)) / 3600 if times else 0.0
@@ -54,7 +49,7 @@ def summarize(records, noise=None, in_history=lambda commit: True):
         "best_runs": len(gate.pool(records, best_rec["content_hash"])) if best_rec else 0,
         "baseline": gate.reference_value(records, baseline["content_hash"]) if baseline else None,
         "baseline_runs": len(gate.pool(records, baseline["content_hash"])) if baseline else 0,
-        "baseline_record": baseline, "crashes_in_row": crashes_in_row,
+        "baseline_record": baseline, "crashes_in_row": gate.crashes_in_row(records),
         "noise_std": (noise or {}).get("std"), "noise_tok_per_sec": (noise or {}).get("tok_per_sec"),
         "margin": gate.margin(noise)[0], "overhead_mean": sum(overheads) / len(overheads) if overheads else None,
         "last": exps, "remeasured": sum(bool(r.get("remeasure")) for r in gate.verdicts(records)),
@@ -75,7 +70,7 @@ def _runs(n):
 def render(root, branch, n_last=LAST_RUNS):
     records = gate.branch_records(ledger.read_ledger(root), branch)
     noise = ledger.read_noise(root, branch)
-    in_history = (lambda c: gitops.is_ancestor(root, c, "HEAD")) if gitops.head(root) else (lambda c: True)
+    in_history = gitops.history(root)
     s = summarize(records, noise, in_history)
     out = [f"branch:          {branch}"]
     if not s["last"]:
