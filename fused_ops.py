@@ -402,13 +402,14 @@ def softcap_cross_entropy(logits, targets, softcap):
     return mx.fast.cross_entropy(capped, targets)
 
 
-# Embedding lookup, one thread block per looked-up row, each thread 4 columns. MLX's gather and float32
+# Embedding lookup, one thread block per looked-up row, each thread 4 columns (the row width is read from the
+# block size, not compiled in, so one kernel serves every model width). MLX's gather and float32
 # scatter-add run at a fifth of the memory bandwidth for these shapes, after a float32 copy of the cotangent
 # (5 tables of 8192 x 512 at the H100 configuration: 4.7 ms of a 62 ms micro-batch, 0.6 ms with these
 # kernels). The backward kernel adds the rows' gradients with float32 atomics, 4 at a time on sm_90 and
 # newer, straight from the bf16 cotangent.
 _EMBEDDING_FORWARD = """
-  const int row = blockIdx.x, c = 4 * threadIdx.x, id = idx[row];
+  const int row = blockIdx.x, c = 4 * threadIdx.x, id = idx[row], DIM = 4 * blockDim.x;
   Vec<T, 4> o;
   if (id >= 0 && id < V) {
     const Vec<W, 4> w = *reinterpret_cast<const Vec<W, 4>*>(weight + (size_t)id * DIM + c);
@@ -419,7 +420,7 @@ _EMBEDDING_FORWARD = """
   *reinterpret_cast<Vec<T, 4>*>(out + (size_t)row * DIM + c) = o;
 """
 _EMBEDDING_BACKWARD = """
-  const int row = blockIdx.x, c = 4 * threadIdx.x, id = idx[row];
+  const int row = blockIdx.x, c = 4 * threadIdx.x, id = idx[row], DIM = 4 * blockDim.x;
   if (id < 0 || id >= V) return;
   const Vec<T, 4> g = *reinterpret_cast<const Vec<T, 4>*>(cotangent + (size_t)row * DIM + c);
   float* dst = grad + (size_t)id * DIM + c;
@@ -451,8 +452,8 @@ def _embedding_lookup(dtype, use_kernel):
             return weight.astype(dtype)[idx]  # cast the table, then gather: no float32 rows to cast
         (vocab, dim), rows = weight.shape, idx.size
         return _embedding_kernels()[0](
-            inputs=[weight, idx.reshape(-1).astype(mx.int32)], template=[("W", weight.dtype), ("T", dtype),
-                                                                         ("DIM", dim), ("V", vocab)],
+            inputs=[weight, idx.reshape(-1).astype(mx.int32)],
+            template=[("W", weight.dtype), ("T", dtype), ("V", vocab)],
             grid=(rows * dim // 4, 1, 1), threadgroup=(dim // 4, 1, 1), output_shapes=[(rows, dim)],
             output_dtypes=[dtype])[0].reshape(*idx.shape, dim)
 
@@ -465,7 +466,7 @@ def _embedding_lookup(dtype, use_kernel):
         else:
             grad = _embedding_kernels()[1](
                 inputs=[idx.reshape(-1).astype(mx.int32), cotangent.reshape(rows, dim)],
-                template=[("T", cotangent.dtype), ("DIM", dim), ("V", vocab)], grid=(rows * dim // 4, 1, 1),
+                template=[("T", cotangent.dtype), ("V", vocab)], grid=(rows * dim // 4, 1, 1),
                 threadgroup=(dim // 4, 1, 1), output_shapes=[weight.shape], output_dtypes=[mx.float32],
                 init_value=0)[0]
         return grad.astype(weight.dtype), mx.zeros_like(idx)

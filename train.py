@@ -377,7 +377,10 @@ class MuonAdamW:
     def __init__(self, model):
         self.groups = parameter_groups(model)
         params = tree_flatten(model.parameters())
+        # learning rates as state arrays, not Python floats: compile writes float constants into its kernels, and
+        # the embedding rates depend on the width, so every width edit (DEPTH, ASPECT_RATIO) would compile new ones
         self.state = {"step": mx.array(0.0),
+                      "lr": {name: mx.array(self.groups[name][0], mx.float32) for name, _ in params},
                       "m": {name: mx.zeros(p.shape, mx.float32) for name, p in params},
                       "v": {name: mx.zeros(self.second_moment_shape(name, p), mx.float32) for name, p in params}}
 
@@ -395,15 +398,17 @@ class MuonAdamW:
         updated = []
         for name, p in tree_flatten(model.parameters()):
             g = grads[name].astype(mx.float32)
-            lr, weight_decay, kind = self.groups[name]
-            lr = lr * lr_multiplier
+            _, weight_decay, kind = self.groups[name]
+            lr = self.state["lr"][name] * lr_multiplier
             m, v = self.state["m"][name], self.state["v"][name]
             if kind == "muon":
                 m = momentum * m + (1 - momentum) * g
                 update = orthogonalize((1 - momentum) * g + momentum * m)  # Nesterov: look one step ahead
                 rows, cols = p.shape
-                v = MUON_BETA2 * v + (1 - MUON_BETA2) * mx.mean(mx.square(update), axis=1 if rows >= cols else 0,
-                                                                keepdims=True)
+                # sum of squares, not the mean: the rescale to the orthogonalised norm below cancels any common
+                # factor, and a mean's 1 / width would be compiled into the kernel (new kernels for every width)
+                v = MUON_BETA2 * v + (1 - MUON_BETA2) * mx.sum(mx.square(update), axis=1 if rows >= cols else 0,
+                                                               keepdims=True)
                 scaled = update * mx.rsqrt(mx.maximum(v, 1e-10))
                 update = scaled * (frobenius_norm(update) / mx.maximum(frobenius_norm(scaled), 1e-10))
                 decay = weight_decay * wd_multiplier * (update * p >= 0)  # cautious: only where both agree in sign

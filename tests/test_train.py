@@ -1,5 +1,6 @@
 """Tests for train.py: model unit tests in-process, and real (short) training runs as subprocesses."""
 
+import json
 import math
 import os
 import re
@@ -213,6 +214,47 @@ def test_optimizer_steps_lower_the_loss(monkeypatch, matrix_optimizer):
         optimizer.update(model, grads, train.schedule(0.0, 0))
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
+
+
+# Builds a model of the given head count (width 16 x heads), compiles the optimizer update as main() does, runs it
+# once, and prints the names of the fused kernels MLX's CPU backend compiled (it keeps them under $TMPDIR/mlx).
+_OPTIMIZER_KERNELS = """
+import json, os, re, sys
+import mlx.core as mx
+from mlx.utils import tree_map
+import train
+for matrix_optimizer in ("muon", "adamw"):
+    train.MATRIX_OPTIMIZER = matrix_optimizer
+    config = train.GPTConfig(vocab_size=256, sequence_len=32, n_layer=2, n_head=int(sys.argv[1]), head_dim=16)
+    model = train.GPT(config)
+    model.init_weights()
+    optimizer = train.MuonAdamW(model)
+    state = [model.state, optimizer.state]
+    step = mx.compile(lambda grads, s: optimizer.update(model, grads, s), inputs=state, outputs=state)
+    step(tree_map(mx.ones_like, model.trainable_parameters()), train.schedule(0.5, 10))
+    mx.eval(state)
+names = set()
+for _, _, files in os.walk(os.environ["TMPDIR"]):
+    names |= {re.sub(r"_(contiguous|strided_\\d+)$", "", os.path.splitext(f)[0]) for f in files}
+print(json.dumps(sorted(names)))
+"""
+
+
+@pytest.mark.slow
+def test_optimizer_kernels_do_not_depend_on_the_width(tmp_path):
+    """MLX writes a fused kernel's scalar constants into its name, so a learning rate or a mean that depends on
+    the width would compile new optimizer kernels after every DEPTH or ASPECT_RATIO edit (~2.5 s each on CUDA)."""
+    kernels = []
+    for heads in (2, 4):
+        tmp = tmp_path / f"heads{heads}"
+        tmp.mkdir()
+        env = dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=ROOT)
+        done = subprocess.run([sys.executable, "-c", _OPTIMIZER_KERNELS, str(heads)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        kernels.append(set(json.loads(done.stdout.splitlines()[-1])))
+    assert len(kernels[0]) >= 5  # the optimizer's fused kernels were found
+    assert kernels[0] == kernels[1], f"width 32 only: {kernels[0] - kernels[1]}; 64 only: {kernels[1] - kernels[0]}"
 
 
 def test_orthogonalize_sets_singular_values_near_one():
