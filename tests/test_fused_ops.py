@@ -167,4 +167,3 @@ def test_norm_rotary_kernel_head_sizes_and_strides(D, layout):
     expected_grad = mx.grad(lambda x: (reference_norm_rotary(x) * weights).sum())(x)
     assert mx.allclose(fused_ops.norm_rotary(x, cos, sin).astype(mx.float32), reference_norm_rotary(x), atol=5e-2).item()
     assert mx.allclose(grad.astype(mx.float32), expected_grad.astype(mx.float32), atol=5e-2).item()
-
