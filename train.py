@@ -319,7 +319,7 @@ def parameter_groups(model):
     matrices is MUON_WEIGHT_DECAY, applied in the update."""
     lr_scale = (model.config.n_embd / 768) ** -0.5  # embedding LRs were tuned at width 768
     groups = {}
-    for name, _ in tree_flatten(model.parameters()):
+    for name, p in tree_flatten(model.parameters()):
         if is_embedding(name):
             groups[name] = (EMBEDDING_LR * lr_scale, 0.0, "adamw")
         elif name.startswith("lm_head."):
@@ -328,6 +328,9 @@ def parameter_groups(model):
             groups[name] = (SCALAR_LR * 0.01, 0.0, "adamw")
         elif name == "x0_lambdas":
             groups[name] = (SCALAR_LR, 0.0, "adamw")
+        elif p.ndim != 2:
+            raise ValueError(f"parameter_groups: {name} {tuple(p.shape)} is not a matrix, and only matrices get the "
+                             "matrix optimizer: give it a learning rate above, as resid_lambdas has")
         elif MATRIX_OPTIMIZER == "muon":
             groups[name] = (MUON_LR, MUON_WEIGHT_DECAY, "muon")
         else:

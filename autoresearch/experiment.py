@@ -150,7 +150,9 @@ class Judgement:
         r, mean = self.remeasured, statistics.fmean(values)
         earlier = [(k["commit"], gate.reference_value(self.records, k["content_hash"]),
                     len(gate.pool(self.records, k["content_hash"]))) for k in self.kept_before]
-        self.recheck = gate.recheck(mean, len(values), earlier, self.margin, r.get("simpler", False))
+        # the margin it was kept on (a --margin of its own, or the noise of the time), not this run's
+        kept_margin = r.get("margin") or self.margin
+        self.recheck = gate.recheck(mean, len(values), earlier, kept_margin, r.get("simpler", False))
         holds, why, _ = self.recheck
         return (f"measured again: kept commit {short(r['commit'])} (experiment #{r.get('exp', '?')}), now the mean of "
                 f"{len(values)} runs {mean:.6f}, {'still clears' if holds else 'NO LONGER clears'} the bar it was "

@@ -262,6 +262,17 @@ def test_rerun_of_a_kept_simplification_that_drifted_worse_says_how_to_go_back(r
     assert "no longer clears" not in ar(repo, "status").stdout
 
 
+def test_rerun_of_a_commit_kept_with_its_own_margin_is_judged_by_that_margin(repo):
+    baseline(repo)  # NOISE 0: exactly 1.0, so every rerun gives the same value
+    small = gate.DEFAULT_MARGIN / 10
+    edit(repo, BPB=1.0 - 2 * small)  # clears a bar of `small`, far inside the default margin
+    r = ar(repo, "run", "-m", "better by a little", "--margin", str(small), "--confirm", "0")
+    assert "verdict:      keep" in r.stdout, r.stdout
+    r = ar(repo, "run", "-m", "again", "--rerun")  # no --margin: the default would say it no longer clears
+    assert "verdict:      remeasure" in r.stdout and "still clears the bar it was kept on" in r.stdout, r.stdout
+    assert "go back" not in r.stdout
+
+
 def test_rerun_of_a_kept_commit_that_is_not_the_best_is_not_judged_as_a_new_idea(repo):
     baseline(repo)
     edit(repo, BPB=1.003, append="# simpler\n")  # kept, slightly worse than the best

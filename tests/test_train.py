@@ -257,6 +257,13 @@ def test_optimizer_kernels_do_not_depend_on_the_width(tmp_path):
     assert kernels[0] == kernels[1], f"width 32 only: {kernels[0] - kernels[1]}; 64 only: {kernels[1] - kernels[0]}"
 
 
+def test_a_new_vector_parameter_without_a_group_is_named():
+    model = tiny_model()
+    model.mlp_lambdas = mx.ones((model.config.n_layer,))  # an agent's new per-layer scalars, no group for them
+    with pytest.raises(ValueError, match=r"mlp_lambdas \(2,\) is not a matrix"):
+        train.parameter_groups(model)
+
+
 def test_orthogonalize_sets_singular_values_near_one():
     mx.random.seed(0)
     for shape in [(64, 16), (16, 64)]:  # tall and wide
