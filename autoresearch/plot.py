@@ -27,8 +27,8 @@ def series(records, margin=None, in_history=lambda commit: True):
     """What the plot draws: (experiment number, value[, record]) of kept and discarded experiments, the crashes'
     numbers, the margin in force at each experiment (the record's, else `margin`), the bar a single run had to
     beat the best by there (for the best's pool of that time), and the bar for the next run, against today's best.
-    A kept commit no longer in the branch's history (a `git reset --hard` past it) is drawn as discarded, as
-    status and the gate no longer count it."""
+    A kept commit no longer in the branch's history (a `git reset --hard` past it) is "left": still a keep, as in
+    status and results.tsv, but off the running-best line, which follows the branch as the gate does."""
     exps = [r for r in gate.experiments(records) if r["verdict"] != "interrupted"]
     xs = [r.get("exp") or i for i, r in enumerate(exps, 1)]
     vals = [gate.shown_value(records, r) if r["verdict"] in ("keep", "discard") else None for r in exps]
@@ -40,8 +40,9 @@ def series(records, margin=None, in_history=lambda commit: True):
     return {"exps": exps, "xs": xs, "vals": vals,
             "kept": [(x, v, r) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "keep"
                      and in_history(r["commit"])],
-            "discarded": [(x, v) for x, v, r in zip(xs, vals, exps) if v is not None and
-                          (r["verdict"] == "discard" or not in_history(r["commit"]))],
+            "left": [(x, v) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "keep"
+                     and not in_history(r["commit"])],
+            "discarded": [(x, v) for x, v, r in zip(xs, vals, exps) if v is not None and r["verdict"] == "discard"],
             "crash": [x for x, r in zip(xs, exps) if r["verdict"] == "crash"],
             "margins": margins,
             "bars": [gate.bar(m, 1, r.get("best_runs") or 1) if m else None for m, r in zip(margins, exps)],
@@ -50,8 +51,8 @@ def series(records, margin=None, in_history=lambda commit: True):
 
 def make_plot(records, path, title="", margin=None, in_history=lambda commit: True):
     s = series(records, margin, in_history)
-    exps, xs, vals, kept, disc, crash, bars = (s[k] for k in ("exps", "xs", "vals", "kept", "discarded", "crash",
-                                                               "bars"))
+    exps, xs, vals, kept, left, disc, crash, bars = (s[k] for k in ("exps", "xs", "vals", "kept", "left", "discarded",
+                                                                     "crash", "bars"))
 
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     good = [v for v in vals if v is not None]
@@ -97,6 +98,9 @@ def make_plot(records, path, title="", margin=None, in_history=lambda commit: Tr
             label = label if len(label) <= LABEL_CHARS else label[:LABEL_CHARS - 1] + "…"
             ax.annotate(label, (x, v), xytext=(4, 6), textcoords="offset points", fontsize=7, rotation=25,
                         color="darkgreen")
+    if left:
+        ax.scatter([x for x, _ in left], [min(v, top) for _, v in left], s=40, facecolor="none", edgecolor="tab:green",
+                   label=f"kept, then left by a git reset ({len(left)})", zorder=4)
     if crash:
         ax.scatter(crash, [top] * len(crash), marker="x", s=40, color="tab:red", label=f"crash ({len(crash)})",
                    zorder=4)
@@ -106,8 +110,8 @@ def make_plot(records, path, title="", margin=None, in_history=lambda commit: Tr
     ax.set_xlabel("experiment #")
     ax.set_ylabel("val_bpb (lower is better)")
     n_all = len(gate.experiments(records))
-    ax.set_title(f"{title + ': ' if title else ''}{n_all} experiments = {len(kept)} kept + {len(disc)} discarded + "
-                 f"{len(crash)} crashed + {n_all - len(exps)} interrupted")
+    ax.set_title(f"{title + ': ' if title else ''}{n_all} experiments = {len(kept) + len(left)} kept + {len(disc)} "
+                 f"discarded + {len(crash)} crashed + {n_all - len(exps)} interrupted")
     ax.grid(alpha=0.25)
     if exps:
         ax.legend(loc="upper right", fontsize=8)

@@ -43,6 +43,7 @@ def summarize(records, noise=None, in_history=lambda commit: True):
     return {
         "experiments": len(exps), "interrupted": counts["interrupted"],
         "kept": counts["keep"], "discarded": counts["discard"], "crashed": counts["crash"],
+        "left": sum(r["verdict"] == "keep" and not in_history(r["commit"]) for r in exps),
         "keep_rate": len(keeps) / len(tried) if tried else None,
         "hours": hours, "per_hour": len(done) / hours if hours > 0 else None,
         "best": best, "best_record": best_rec,
@@ -101,7 +102,8 @@ def render(root, branch, n_last=LAST_RUNS):
         out.append(f"noise:           not measured -> default keep margin {s['margin']:.4f} "
                    "(run `autoresearch noise` after the baseline)")
     rate = f"{s['keep_rate']:.0%}" if s["keep_rate"] is not None else "-"
-    out.append(f"experiments:     {s['experiments']} = {s['kept']} kept (baseline included) + {s['discarded']} "
+    left = f"; {s['left']} since left by a git reset" if s["left"] else ""
+    out.append(f"experiments:     {s['experiments']} = {s['kept']} kept (baseline included{left}) + {s['discarded']} "
                f"discarded + {s['crashed']} crashed + {s['interrupted']} interrupted")
     if s["remeasured"]:
         out.append(f"remeasured:      {s['remeasured']} rerun(s) of kept commits (--rerun): runs in their pools, "

@@ -309,7 +309,7 @@ def test_the_plot_draws_the_bar_a_single_run_must_beat(repo):
     assert os.path.exists(plot.make_plot(recs, os.path.join(repo, "p.png"), margin=0.02))
 
 
-def test_the_plot_drops_a_keep_that_a_reset_took_out_of_the_history(repo):
+def test_a_keep_that_a_reset_took_out_of_the_history_is_left_in_status_and_the_plot(repo):
     from autoresearch import gitops, plot
 
     base = baseline(repo)
@@ -319,8 +319,11 @@ def test_the_plot_drops_a_keep_that_a_reset_took_out_of_the_history(repo):
     kept = git(repo, "rev-parse", "HEAD")
     git(repo, "reset", "-q", "--hard", base)  # as a "go back:" line tells the agent to
     s = plot.series(ledger(repo), margin=0.02, in_history=lambda c: gitops.is_ancestor(repo, c, "HEAD"))
-    assert [r["commit"] for _, _, r in s["kept"]] == [base] and (2, 0.5) in s["discarded"]
-    assert re.search(r"^best: +1\.000000", ar(repo, "status").stdout, re.M)  # what status says too
+    assert [r["commit"] for _, _, r in s["kept"]] == [base] and s["left"] == [(2, 0.5)] and not s["discarded"]
+    status = ar(repo, "status").stdout  # the same: still a keep (as in results.tsv), no longer the best
+    assert re.search(r"^best: +1\.000000", status, re.M)
+    assert "2 = 2 kept (baseline included; 1 since left by a git reset) + 0 discarded" in status, status
+    assert [row[3] for row in results(repo)[1:]] == ["keep", "keep"]
     assert ar(repo, "plot").returncode == 0 and kept != base
 
 
