@@ -80,11 +80,12 @@ def make_plot(records, path, title="", margin=None, in_history=lambda commit: Tr
             steps_y.append(best)
         ax.step(steps_x + [xs[-1]], steps_y + [steps_y[-1]], where="post", color="tab:green", linewidth=2,
                 label="running best", zorder=3)
-        # what a single run had to beat the best by when each experiment was judged (the gate's bar for one run
-        # against the best's pool), then, one step past the last experiment, what the next run must beat
-        band = [(x, b) for x, b in zip(xs, bars) if x >= steps_x[0] and b]
+        # under the best after each experiment, what the experiment after it had to beat that best by (the gate's
+        # bar for one run against the best's pool); after the last one, what the next run must beat
+        following = bars[1:] + [s["next_bar"]]
+        band = [(x, b) for x, b in zip(xs, following) if x >= steps_x[0] and b]
         if s["next_bar"]:
-            band += [(xs[-1] + 0.5, s["next_bar"]), (xs[-1] + 1.5, s["next_bar"])]  # to the plot's right edge
+            band += [(xs[-1] + 1.5, s["next_bar"])]  # to the plot's right edge
         band_best = [steps_y[max(i for i, sx in enumerate(steps_x) if sx <= x)] for x, _ in band]
         if band:
             ax.fill_between([x for x, _ in band], [v - b for v, (_, b) in zip(band_best, band)], band_best,
