@@ -220,9 +220,9 @@ def test_optimizer_steps_lower_the_loss(monkeypatch, matrix_optimizer):
 # once, and prints the names of the fused kernels MLX's CPU backend compiled (it keeps them under $TMPDIR/mlx).
 _OPTIMIZER_KERNELS = """
 import json, os, re, sys
+import train  # first: prepare picks the CPU BLAS before mlx loads
 import mlx.core as mx
 from mlx.utils import tree_map
-import train
 for matrix_optimizer in ("muon", "adamw"):
     train.MATRIX_OPTIMIZER = matrix_optimizer
     config = train.GPTConfig(vocab_size=256, sequence_len=32, n_layer=2, n_head=int(sys.argv[1]), head_dim=16)
