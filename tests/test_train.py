@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -132,17 +133,33 @@ def test_sequence_slices_value_and_gradient(ranges):
     assert grad.shape == x.shape and mx.allclose(grad, expected_grad, atol=1e-6).item()
 
 
+ACTIVATIONS = {"relu_squared": lambda x: mx.square(mx.maximum(x, 0)), "gelu": nn.gelu, "silu": nn.silu}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_relu_squared_value_and_gradient(dtype):
+def test_an_elementwise_activation_has_autodiffs_value_and_gradient(name, dtype):
+    plain = ACTIVATIONS[name]
+    wrapped = train.relu_squared if name == "relu_squared" else train.elementwise(plain)
     x = mx.concatenate([mx.random.normal((1000,)), mx.zeros((4,))]).astype(dtype)
     cotangent = mx.random.normal(x.shape).astype(dtype)
-    plain = lambda x: mx.square(mx.maximum(x, 0))  # noqa: E731
     (expected,), (expected_grad,) = mx.vjp(plain, [x], [cotangent])
-    (out,), (grad,) = mx.vjp(train.relu_squared, [x], [cotangent])
-    assert out.dtype == grad.dtype == dtype
     tolerance = 1e-6 if dtype == mx.float32 else 1e-2
-    assert mx.allclose(out, expected, atol=tolerance, rtol=tolerance).item()
-    assert mx.allclose(grad, expected_grad, atol=tolerance, rtol=tolerance).item()
+    # compiled too: there the recomputation must not be merged with the forward's ops
+    for vjp in (mx.vjp, mx.compile(lambda x, c: mx.vjp(wrapped, [x], [c]))):
+        (out,), (grad,) = vjp(wrapped, [x], [cotangent]) if vjp is mx.vjp else vjp(x, cotangent)
+        assert out.dtype == grad.dtype == dtype
+        assert mx.allclose(out, expected, atol=tolerance, rtol=tolerance).item()
+        assert mx.allclose(grad, expected_grad, atol=tolerance, rtol=tolerance).item()
+
+
+def test_unstack_value_and_gradient():
+    v, weights = mx.random.normal((5,)), mx.random.normal((5,))
+    loss = lambda parts: sum(w * part for w, part in zip(weights, parts))  # noqa: E731
+    parts = train.unstack(v)
+    assert len(parts) == 5 and all(part.shape == () and part.item() == v[i].item() for i, part in enumerate(parts))
+    grad = mx.grad(lambda v: loss(train.unstack(v)))(v)
+    assert mx.allclose(grad, weights).item()
 
 
 def test_chunked_attention_is_causal_within_each_chunk(monkeypatch):
@@ -216,13 +233,17 @@ def test_optimizer_steps_lower_the_loss(monkeypatch, matrix_optimizer):
     assert losses[-1] < losses[0] - 0.1
 
 
-# Builds a model of the given head count (width 16 x heads), compiles the optimizer update as main() does, runs it
-# once, and prints the names of the fused kernels MLX's CPU backend compiled (it keeps them under $TMPDIR/mlx).
+# Builds a model of the given head count (width 16 x heads), with the optimizer settings of train.py or, given
+# "edited", others, compiles the optimizer update as main() does, runs it once, and prints the names of the fused
+# kernels MLX's CPU backend compiled (it keeps them under $TMPDIR/mlx).
 _OPTIMIZER_KERNELS = """
 import json, os, re, sys
 import train  # first: prepare picks the CPU BLAS before mlx loads
 import mlx.core as mx
 from mlx.utils import tree_map
+if sys.argv[2:] == ["edited"]:
+    train.ADAM_BETAS, train.X0_ADAM_BETAS, train.ADAM_EPS = (0.9, 0.99), (0.9, 0.9), 1e-8
+    train.MUON_BETA2, train.MUON_WEIGHT_DECAY, train.WEIGHT_DECAY = 0.9, 0.1, 0.05
 for matrix_optimizer in ("muon", "adamw"):
     train.MATRIX_OPTIMIZER = matrix_optimizer
     config = train.GPTConfig(vocab_size=256, sequence_len=32, n_layer=2, n_head=int(sys.argv[1]), head_dim=16)
@@ -241,20 +262,21 @@ print(json.dumps(sorted(names)))
 
 
 @pytest.mark.slow
-def test_optimizer_kernels_do_not_depend_on_the_width(tmp_path):
-    """MLX writes a fused kernel's scalar constants into its name, so a learning rate or a mean that depends on
-    the width would compile new optimizer kernels after every DEPTH or ASPECT_RATIO edit (~2.5 s each on CUDA)."""
+def test_optimizer_kernels_do_not_depend_on_the_width_or_the_settings(tmp_path):
+    """MLX writes a fused kernel's float constants into its name, so a learning rate that depends on the width,
+    or a beta, epsilon or weight decay written in as a Python float, would compile new optimizer kernels after
+    every such edit (seconds each on CUDA)."""
     kernels = []
-    for heads in (2, 4):
+    for heads, settings in ((2, "as they are"), (4, "edited")):
         tmp = tmp_path / f"heads{heads}"
         tmp.mkdir()
         env = dict(os.environ, TMPDIR=str(tmp), PYTHONPATH=ROOT)
-        done = subprocess.run([sys.executable, "-c", _OPTIMIZER_KERNELS, str(heads)], cwd=ROOT, env=env,
+        done = subprocess.run([sys.executable, "-c", _OPTIMIZER_KERNELS, str(heads), settings], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         kernels.append(set(json.loads(done.stdout.splitlines()[-1])))
     assert len(kernels[0]) >= 5  # the optimizer's fused kernels were found
-    assert kernels[0] == kernels[1], f"width 32 only: {kernels[0] - kernels[1]}; 64 only: {kernels[1] - kernels[0]}"
+    assert kernels[0] == kernels[1], f"first only: {kernels[0] - kernels[1]}; edited only: {kernels[1] - kernels[0]}"
 
 
 def test_a_new_vector_parameter_without_a_group_is_named():
