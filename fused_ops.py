@@ -12,6 +12,10 @@ these functions from train.py but never edits them.
 Each op is laid out as mlx-lm keeps its ops: kernel source, launcher, MLX-ops fallback, then the dispatcher.
 `KERNELS` is the one switch between the two paths (on where prepare.HARDWARE says CUDA); `mlx_ops_only()` turns it
 off for a block, for benchmarks and tests that compare the paths.
+
+`custom_function` is mx.custom_function for train.py and these ops: a function with a gradient of its own. Inside
+`plain_forward()` (scoring.py exporting the trained model's forward pass) it is the plain function, and every op
+takes its MLX-ops path: MLX cannot export custom functions.
 """
 
 import contextlib
@@ -40,6 +44,38 @@ def mlx_ops_only():
         yield
     finally:
         KERNELS = saved
+
+
+class custom_function:
+    """mx.custom_function (decorate a function, then its gradient with @f.vjp), except inside plain_forward(),
+    where calling it calls the function itself: the forward pass then holds only ops MLX can export."""
+
+    def __init__(self, fun):
+        self.fun, self.custom = fun, mx.custom_function(fun)
+        functools.update_wrapper(self, fun)
+
+    def vjp(self, fun):
+        self.custom.vjp(fun)
+        return fun
+
+    def __call__(self, *args, **kwargs):
+        return (self.fun if _PLAIN_FORWARD else self.custom)(*args, **kwargs)
+
+
+_PLAIN_FORWARD = False
+
+
+@contextlib.contextmanager
+def plain_forward():
+    """Trace a forward pass for export: custom functions are their plain functions and every op its MLX-ops path."""
+    global _PLAIN_FORWARD
+    saved = _PLAIN_FORWARD
+    _PLAIN_FORWARD = True
+    try:
+        with mlx_ops_only():
+            yield
+    finally:
+        _PLAIN_FORWARD = saved
 
 
 _KERNEL_DTYPES = (mx.float32, mx.bfloat16, mx.float16)  # what the kernels below are built for
@@ -244,7 +280,7 @@ def _softcap_ce_kernels():
     return forward, backward
 
 
-@mx.custom_function
+@custom_function
 def _softcap_ce_cuda(logits, targets, cap):
     """(rows, V) logits, (rows,) int32 targets, (1,) float32 cap -> per-row loss and logsumexp, float32."""
     rows, vocab = logits.shape
@@ -352,7 +388,7 @@ def _norm_rotary_launch(kernel, inputs, x):
                   threadgroup=(threads, 1, 1), output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
 
 
-@mx.custom_function
+@custom_function
 def _norm_rotary_cuda(x, cos, sin, eps):
     return _norm_rotary_launch(_norm_rotary_kernels()[0], [x, cos, sin, eps], x)
 
@@ -446,7 +482,7 @@ def _embedding_kernels():
 def _embedding_lookup(dtype, use_kernel):
     """The lookup as a custom function for one output dtype, through the CUDA kernels or MLX ops."""
 
-    @mx.custom_function
+    @custom_function
     def lookup(weight, idx):
         if not use_kernel:
             return weight.astype(dtype)[idx]  # cast the table, then gather: no float32 rows to cast

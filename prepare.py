@@ -75,6 +75,7 @@ TOKENIZER_MAX_CHARS = 2_000_000_000   # text used to train the tokenizer
 TOKENIZER_DOC_CAP = 10_000            # chars taken from any one document for tokenizer training
 LOADER_PREFETCH = 4                   # batches packed ahead by the dataloader's background thread
 EVAL_CHUNK_TOKENS = 32 * MAX_SEQ_LEN  # tokens per model call in evaluate_bpb: bounds the logits' memory
+UNTIMED_STEPS = 2                     # steps before train.py's training clock starts: they compile the graphs
 assert VOCAB_SIZE <= np.iinfo(TOKEN_DTYPE).max + 1  # every token id fits the token shards' dtype
 
 # Tests and smoke runs only: shorten the experiment without editing this file (the run prints what it used).
@@ -550,16 +551,19 @@ def make_dataloader(tokenizer, B, T, split, seed=SEED, buffer_size=1000):
     (the shortest, to fill the row exactly), so there is no padding. A background thread packs
     the next LOADER_PREFETCH batches while the caller computes."""
     assert split in ("train", "val"), split
-    manifest = check_token_shards()
+    manifest = check_token_shards(splits=(split,))  # a training run cannot read the validation split (scoring.py)
     if tokenizer.get_bos_token_id() != manifest["bos"]:
         raise PrepareError(f"this tokenizer's BOS id differs from the token shards' in {tokens_dir()}. "
                            f"Run: {prepare_command()}")
     tokens, offsets, unit_starts = open_token_split(split, manifest)
     rows = packed_rows(document_batches(tokens, offsets, unit_starts, split == "train", seed), B, T, buffer_size)
-    return _prefetched(rows, f"dataloader-{split}")
+    return _prefetched(rows, split)
 
 
-def _prefetched(rows, name):
+TOKENS_SERVED = {"train": 0, "val": 0}  # input tokens the dataloaders handed out (scoring.report_step sends it)
+
+
+def _prefetched(rows, split):
     """Yield (inputs, targets, epoch) from a background thread that packs rows ahead of the consumer."""
     ready, stop = queue.Queue(maxsize=LOADER_PREFETCH), threading.Event()
 
@@ -577,13 +581,14 @@ def _prefetched(rows, name):
         except BaseException as e:  # handed to the consumer, raised there
             ready.put(e)
 
-    threading.Thread(target=produce, daemon=True, name=name).start()
+    threading.Thread(target=produce, daemon=True, name=f"dataloader-{split}").start()
     try:
         while True:
             item = ready.get()
             if isinstance(item, BaseException):
                 raise item
             row, epoch = item
+            TOKENS_SERVED[split] += row.shape[0] * (row.shape[1] - 1)
             yield mx.array(row[:, :-1]), mx.array(row[:, 1:]), epoch
     finally:
         stop.set()  # the consumer is done (closed or garbage-collected): let the producer end
@@ -628,6 +633,13 @@ def check_causal(model, x, logits):
                          "attention window that reaches ahead, or inputs shifted against the targets.")
 
 
+def eval_shapes(batch_size):
+    """The input shapes evaluate_bpb calls the model with: the causality check's small first call, then chunks of
+    at most EVAL_CHUNK_TOKENS. scoring.py exports the trained forward pass for exactly these."""
+    rows = max(1, min(batch_size, EVAL_CHUNK_TOKENS // MAX_SEQ_LEN))
+    return [(min(rows, CAUSAL_CHECK_ROWS), MAX_SEQ_LEN), (rows, MAX_SEQ_LEN)]
+
+
 def evaluate_bpb(model, tokenizer, batch_size):
     """Validation bits per byte: total cross-entropy (nats) over target tokens divided by
     ln(2) * their total UTF-8 bytes; special tokens count 0 bytes and are left out of both sums.
@@ -656,17 +668,21 @@ def evaluate_bpb(model, tokenizer, batch_size):
         # rows are packed from whole documents and cropped, so the split holds more tokens than its rows score
         print(f"Eval: the validation split fills only {len(inputs)} rows of {MAX_SEQ_LEN}: {len(inputs) * MAX_SEQ_LEN:,} "
               f"tokens evaluated, fewer than the {EVAL_TOKENS:,} asked for; each row is evaluated once", flush=True)
-    rows = max(1, min(batch_size, EVAL_CHUNK_TOKENS // MAX_SEQ_LEN))
-    starts = [0, *range(min(rows, CAUSAL_CHECK_ROWS), len(inputs), rows)]  # a small first call: the check's
+    (first, _), (rows, _) = eval_shapes(batch_size)
+    starts = [0, *range(first, len(inputs), rows)]  # a small first call: the check's
     total_nats, total_bytes = 0.0, 0
     for i, end in zip(starts, starts[1:] + [len(inputs)]):
         x, y = mx.concatenate(inputs[i:end]), mx.concatenate(targets[i:end])
-        logits = model(x)
-        if logits.shape != (*y.shape, VOCAB_SIZE):
-            raise ValueError(f"evaluate_bpb: the model returned shape {logits.shape} for inputs {x.shape}; "
-                             f"it must return logits of shape {(*y.shape, VOCAB_SIZE)}")
+        # every call has one of eval_shapes(): a short last call is padded with rows of BOS, their logits dropped
+        shape = (first if i == 0 else rows, MAX_SEQ_LEN)
+        padded = mx.pad(x, [(0, shape[0] - x.shape[0]), (0, 0)], constant_values=x[0, 0].item())
+        logits = model(padded)
+        if logits.shape != (*shape, VOCAB_SIZE):
+            raise ValueError(f"evaluate_bpb: the model returned shape {logits.shape} for inputs {shape}; "
+                             f"it must return logits of shape {(*shape, VOCAB_SIZE)}")
         if i == 0:
-            check_causal(model, x, logits)  # one extra forward of the first call, the same shape: exact
+            check_causal(model, padded, logits)  # one extra forward of the first call, the same shape: exact
+        logits = logits[:y.shape[0]]
         nbytes = token_bytes[y]
         nats = mx.where(nbytes > 0, cross_entropy_nats(logits, y), 0.0)
         total_nats += float(np.array(nats).astype(np.float64).sum())  # float64: sums over millions of tokens

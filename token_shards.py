@@ -55,10 +55,10 @@ def _file_sha256(path):
     return digest.hexdigest()
 
 
-def check_token_shards(verify_contents=False):
-    """The token manifest, if both splits' token shards exist and match this cache's corpus and tokenizer (sizes
+def check_token_shards(verify_contents=False, splits=("train", "val")):
+    """The token manifest, if the splits' token shards exist and match this cache's corpus and tokenizer (sizes
     checked; contents too with `verify_contents`). Otherwise a PrepareError that names the command to run."""
-    for split in ("train", "val"):
+    for split in splits:
         list_shards(split)  # a missing split is named as such
     rerun = f"Run: {prepare_command()}"
     try:
@@ -75,7 +75,7 @@ def check_token_shards(verify_contents=False):
         raise PrepareError(f"the token shards in {tokens_dir()} were made with another tokenizer. {rerun}")
     if manifest.get("source") != data_source():
         raise PrepareError(f"the token shards in {tokens_dir()} were made from another corpus. {rerun}")
-    for split in ("train", "val"):
+    for split in splits:
         entry, now = manifest.get("splits", {}).get(split, {}), split_identity(split)
         if entry.get("shards") != now:
             changed = sorted({name for name, _ in now} ^ {name for name, _ in entry.get("shards", [])}

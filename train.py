@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass
 
 # prepare must come before mlx: on Linux CPU it loads a fast BLAS that MLX can only pick up at import.
-from prepare import (HARDWARE, MAX_SEQ_LEN, SEED, TIME_BUDGET, VOCAB_SIZE, Tokenizer, describe_hardware,
-                     evaluate_bpb, make_dataloader)
-from fused_ops import embedding_lookup, norm_rotary, rms_norm, softcap_cross_entropy
+from prepare import (HARDWARE, MAX_SEQ_LEN, SEED, TIME_BUDGET, UNTIMED_STEPS, VOCAB_SIZE, Tokenizer,
+                     describe_hardware, make_dataloader)
+from fused_ops import custom_function, embedding_lookup, norm_rotary, rms_norm, softcap_cross_entropy
+from scoring import report_step, score_model, start_clock
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
@@ -59,8 +60,7 @@ WARMUP_RATIO = 0.0           # fractions of the time budget
 WARMDOWN_RATIO = 0.5
 FINAL_LR_FRAC = 0.0
 
-# Bookkeeping
-UNTIMED_STEPS = 2            # the first steps compile the graphs: not counted in the time budget
+# Bookkeeping (the first prepare.UNTIMED_STEPS steps compile the graphs: the clock starts after them)
 LOG_EVERY_SECONDS = 5.0
 MAX_LOSS = 100.0             # a loss above this (or not finite) stops the run
 
@@ -149,7 +149,7 @@ def _sequence_slices(ranges, T):
     # concatenates the chunks once.
     edges = sorted({0, T} | {edge for r in ranges for edge in r})
 
-    @mx.custom_function
+    @custom_function
     def slices(x):
         return tuple(x[:, first:last] for first, last in ranges)
 
@@ -174,7 +174,7 @@ def unstack(v):
 
 @functools.cache
 def _unstack(n):
-    @mx.custom_function
+    @custom_function
     def unstack(v):
         return tuple(v[i] for i in range(n))
 
@@ -241,7 +241,7 @@ def elementwise(fn):
     """fn, an elementwise function, with its gradient recomputed from its input alone. Autodiff would keep fn's
     intermediates (each the size of the MLP's widest activation, per layer) and compile a kernel for each piece;
     this keeps only x, and a new fn compiles two kernels (forward, backward): GELU starts in ~17 s instead of ~20."""
-    @mx.custom_function
+    @custom_function
     def f(x):
         return fn(x)
 
@@ -562,11 +562,13 @@ def main():
             loss_step, loss = unread.pop(0)
             loss = loss.item()
             check_loss(loss, loss_step)
+            report_step(loss_step, loss)
             smooth_loss = 0.9 * smooth_loss + 0.1 * loss
             debiased_loss = smooth_loss / (1 - 0.9 ** (loss_step + 1))
         step += 1
         if step == UNTIMED_STEPS:
             t_start = time.time()
+            start_clock()  # the harness times training from here, with its own clock
             print(f"Startup: {t_start - t_script:.1f}s (data, compile, {UNTIMED_STEPS} untimed steps)", flush=True)
         if t_start is not None:
             training_time = time.time() - t_start
@@ -578,14 +580,16 @@ def main():
             last_log = (training_time, step)
     for loss_step, loss in unread:
         check_loss(loss.item(), loss_step)
+        report_step(loss_step, loss.item())
     training_time = time.time() - t_start
 
     # total_tokens_M and mfu count the timed steps only, not the compile steps
     timed_tokens = (step - UNTIMED_STEPS) * TOTAL_BATCH_SIZE
-    eval_logits = mx.compile(lambda x: model(x), inputs=model.state)  # prepare.py scores the logits
+    # the trained model's forward pass goes to the fixed evaluation (scoring.py), which scores it in a process
+    # of its own: the logits of (rows, MAX_SEQ_LEN) inputs, softcapped, float32
     t_eval = time.time()
-    val_bpb, eval_tokens = evaluate_bpb(eval_logits, tokenizer, HARDWARE.eval_batch_size)
-    print(f"Eval: {time.time() - t_eval:.1f}s", flush=True)
+    val_bpb, eval_tokens = score_model(lambda x: model(x))
+    print(f"Scored: {time.time() - t_eval:.1f}s", flush=True)
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {training_time:.1f}")

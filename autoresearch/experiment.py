@@ -48,11 +48,11 @@ class Session:
     def in_history(self, commit):
         return gitops.is_ancestor(self.root, commit, "HEAD")
 
-    def run_once(self, opts, seed, stop, label):
+    def run_once(self, opts, seed, stop, label, startup_reference=None):
         def on_start(pid):
             self.lock.note(child_pid=pid)
         return runner.run_train(self.root, seed, opts.budget, opts.hard_timeout(), stop, label=label,
-                                pass_fds=(self.lock.fd,), on_start=on_start)
+                                on_start=on_start, die_with_parent=True, startup_reference=startup_reference)
 
     def record(self, kind, opts, result, seed, commit, content_hash, started, **extra):
         return make_record(kind, self.branch, opts, result, seed, commit, content_hash, started, **extra)
@@ -67,7 +67,7 @@ NOISE_AGAIN = ("measure noise again (`autoresearch noise`) once the machine's lo
 def run_settings(result, opts):
     """The settings a run was made with, as compared between runs (gate.SETTINGS)."""
     f = result.facts
-    return {"budget": f.get("budget") or opts.budget, "corpus": f.get("corpus"), "eval_request": f.get("eval_request"),
+    return {"budget": opts.budget, "corpus": f.get("corpus"), "eval_request": f.get("eval_request"),
             "eval_tokens": f.get("eval_tokens"), "device": f.get("device"), "fixed_files": f.get("fixed_files"),
             "untimed_steps": f.get("untimed_steps")}  # steps trained before the clock starts: free training
 
@@ -88,7 +88,8 @@ def make_record(kind, branch, opts, result, seed, commit, content_hash, started,
            "timed_out": result.timed_out, "metrics": result.summary, "val_bpb": result.val_bpb,
            "hardware": hardware or runner.hardware(), "settings": run_settings(result, opts),
            "steps": result.facts.get("steps"), "tok_per_sec": result.facts.get("tok_per_sec"),
-           "startup_seconds": result.facts.get("startup_seconds")}
+           "startup_seconds": result.facts.get("startup_seconds"), "loss_curve": result.facts.get("loss_curve"),
+           "sandbox": result.facts.get("sandbox")}
     rec.update(extra)
     return rec
 
@@ -113,6 +114,7 @@ class Judgement:
         self.exp_id = len(gate.experiments(records)) + 1
         self.n_best = len(gate.pool(records, self.best_rec["content_hash"])) if self.best_rec else 0
         self.reference = (self.best_rec or {}).get("settings")
+        self.startup_reference = (self.best_rec or {}).get("startup_seconds")  # the clock's start-up allowance
         self.prior = gate.pool(records, content_hash)  # --rerun: earlier runs of this train.py join its pool
         # --rerun of a kept train.py: a measurement of that commit, not an idea (no verdict on git, no count)
         self.remeasured, self.kept_before = gate.kept_with(records, content_hash, in_history)
@@ -284,7 +286,7 @@ def run_experiment(opts):
 
         with StopSignals() as stop:
             started = now_iso()
-            result = s.run_once(opts, seeds[0], stop, "train.py")
+            result = s.run_once(opts, seeds[0], stop, "train.py", j.startup_reference)
             outcomes, confirms = [(seeds[0], outcome(result))], []
             verdict, reason, values, more = j.decide(outcomes, run_settings(result, opts))
             if verdict == "confirm":
@@ -293,7 +295,7 @@ def run_experiment(opts):
                 if verdict != "confirm" or result.signal_name:
                     break
                 c_started = now_iso()
-                c = s.run_once(opts, seed, stop, f"confirm {k}/{opts.confirm}")
+                c = s.run_once(opts, seed, stop, f"confirm {k}/{opts.confirm}", j.startup_reference)
                 c_fail = c.failure()
                 confirms.append(s.record("confirm", opts, c, seed, candidate, chash, c_started,
                                          verdict=("interrupted" if c.signal_name else "crash") if c_fail else "confirm",
@@ -360,7 +362,7 @@ def run_noise(opts):
         with StopSignals() as stop:
             for k, seed in enumerate(seeds, 1):
                 started = now_iso()
-                result = s.run_once(opts, seed, stop, f"noise {k}/{opts.runs}")
+                result = s.run_once(opts, seed, stop, f"noise {k}/{opts.runs}", j.startup_reference)
                 failure = result.failure()
                 verdict = ("interrupted" if result.signal_name else "crash") if failure else "noise"
                 rec = s.record("noise", opts, result, seed, commit, chash, started, verdict=verdict,

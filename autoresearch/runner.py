@@ -1,7 +1,10 @@
 """
-Run train.py once: its own process group, a hard wall-clock timeout, the full output in run.log, a short live
-progress line on the terminal, and the `---` summary block parsed at the end. Also what the run was: its
-settings (budget, corpus, evaluation size, device), steps, tok/s and start-up time, read from its output.
+Run train.py once, walled in (sandbox.py), and score it: its own process group, a hard wall-clock timeout, the full
+output in run.log, a short live progress line on the terminal. The figures the gate judges come from the harness,
+not from what train.py prints: its own clock (process start, the training clock's start and the hand-over, read
+from scoring.py's pipe as they arrive) and val_bpb from an evaluation process that runs fixed code only, on the
+model train.py handed over. Also what the run was: its settings (budget, corpus, evaluation size, device), steps,
+tok/s, start-up and a short loss curve.
 """
 
 import hashlib
@@ -9,26 +12,43 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
+from autoresearch import sandbox
+
 LOG_FILE = "run.log"
+TRAIN_FILE = "train.py"
 KILL_GRACE = 5.0                # seconds between SIGTERM and SIGKILL of the process group
+EXIT_GRACE = 30.0               # seconds train.py may take to exit once it has its score
 PROGRESS_TTY_EVERY = 0.5        # seconds between live progress updates on a terminal...
 PROGRESS_PIPE_EVERY = 30.0      # ...and when captured by an agent's tool (one line each, no \r spam)
 PROGRESS_WIDTH = 110
 TAIL_LINES = 25                 # log lines shown after a crash
 DEFAULT_CACHE = os.path.join("~", ".cache", "autoresearch")  # prepare.py's default cache directory
-# the modules train.py runs on that the agent never edits: the metric, the data, the fused ops
-FIXED_FILES = ("prepare.py", "data_cache.py", "local_corpus.py", "token_shards.py", "fused_ops.py")
-DECIMAL = r"\d+(?:\.\d+)?"       # numbers read from train.py's own lines (it may print anything: never crash on it)
-MAX_UNTIMED_STEPS = 2           # program.md: steps before the clock starts compile the graphs, they don't train
+# the modules train.py runs on that the agent never edits: the metric, the data, the fused ops, the scoring
+FIXED_FILES = ("prepare.py", "data_cache.py", "local_corpus.py", "token_shards.py", "fused_ops.py", "scoring.py")
+SCORING = "scoring.py"
+MAX_UNTIMED_STEPS = 2           # prepare.UNTIMED_STEPS: steps before the clock compile the graphs, they don't train
+# The harness's clock (docs/faults.md, "Cheats"). Start-up may take STARTUP_ALLOWANCE seconds (or twice the best
+# kept run's), plus KERNEL_CREDIT seconds per kernel compiled in the run. Training may pass the budget by
+# GRACE_STEPS steps (the last one, and the loss read one step late), GRACE_SECONDS and the time to write the model.
+STARTUP_ALLOWANCE = 15.0
+KERNEL_CREDIT = 5.0
+KERNEL_SUFFIXES = (".so", ".ptx", ".cubin")
+GRACE_STEPS, GRACE_SECONDS, EXPORT_BYTES_PER_SECOND = 3, 2.0, 200e6
+MAX_STEP_EVENTS = 200_000       # a flood beyond it is ignored
+MAX_EVENT_BYTES = 1 << 16
+LOSS_CURVE_POINTS = 20          # (step, loss) pairs kept with a run
+MEMORY_SIGNALS = {6: "SIGABRT", 7: "SIGBUS", 9: "SIGKILL", 11: "SIGSEGV"}  # how running out of memory looks
 
 
 @dataclass
@@ -36,10 +56,11 @@ class RunResult:
     returncode: int = None
     timed_out: bool = False
     signal_name: str = None      # SIGINT/SIGTERM received by the harness during the run
-    summary: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)  # the harness's figures: val_bpb, seconds, steps, tokens, memory
     child_seconds: float = 0.0
     tail: list = field(default_factory=list)
-    facts: dict = field(default_factory=dict)    # run_facts(): steps, tok/s, start-up, eval tokens, device, corpus
+    facts: dict = field(default_factory=dict)    # settings, steps, tok/s, start-up, loss curve, sandbox
+    problem: str = None          # what the harness caught (the clock, the hand-over, the evaluation), or None
 
     @property
     def val_bpb(self):
@@ -52,70 +73,32 @@ class RunResult:
             return f"interrupted by {self.signal_name}"
         if self.timed_out:
             return f"timed out after {self.child_seconds:.0f} s (process group killed)"
+        if self.problem:
+            return self.problem
         if self.returncode != 0:
-            how = f"killed by signal {-self.returncode}" if self.returncode < 0 else f"exit code {self.returncode}"
-            return f"train.py failed ({how})"
-        if "val_bpb" not in self.summary:
-            return "train.py exited 0 but printed no val_bpb summary"
+            return f"train.py failed ({describe_exit(self.returncode, self.tail)})"
         if self.val_bpb is None or not math.isfinite(self.val_bpb):
-            return f"val_bpb is {self.summary['val_bpb']}"
-        if (self.facts.get("untimed_steps") or 0) > MAX_UNTIMED_STEPS:
-            return (f"train.py trained {self.facts['untimed_steps']} steps before its clock started (UNTIMED_STEPS: at "
-                    f"most {MAX_UNTIMED_STEPS}, to compile the graphs); set it back to {MAX_UNTIMED_STEPS}")
+            return f"val_bpb is {self.summary.get('val_bpb')}"
         return None
 
 
-def parse_summary(text):
-    """The `key: value` lines after the last line that is exactly `---`."""
-    lines = text.replace("\r", "\n").split("\n")
-    starts = [i for i, line in enumerate(lines) if line.strip() == "---"]
-    if not starts:
-        return {}
-    summary = {}
-    for line in lines[starts[-1] + 1:]:
-        key, sep, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or " " in key:
-            continue
-        try:
-            summary[key] = float(value)  # float() also reads nan/inf, which the gate must see
-        except ValueError:
-            summary[key] = value
-    return summary
+def describe_exit(code, tail=()):
+    """'exit code 1', or 'killed by signal 11 (SIGSEGV): most often out of memory ...'."""
+    sig = -code if code < 0 else code - 128 if code > 128 else None  # bwrap exits with 128 + the child's signal
+    if sig is None:
+        return f"exit code {code}"
+    text = f"killed by signal {sig}" + (f" ({MEMORY_SIGNALS[sig]})" if sig in MEMORY_SIGNALS else "")
+    if sig in MEMORY_SIGNALS or any("memory" in line.lower() or "bad_alloc" in line for line in tail):
+        memory = hardware().get("memory_gb")
+        text += (": most often out of memory (an allocation larger than the "
+                 + (f"{memory:.0f} GB " if memory else "memory ") + "this machine has); make the model or "
+                 "DEVICE_BATCH_SIZE smaller, or undo the last change")
+    return text
 
 
-def run_facts(text, summary):
-    """What a run reports about itself besides val_bpb. Summary keys win (tok_per_sec, startup_seconds, eval_tokens
-    if train.py prints them); otherwise the lines train.py prints before the summary. Missing ones are None."""
-    def line(pattern):
-        found = re.findall(pattern, text, re.M)
-        return found[-1] if found else None
-
-    def number(key):
-        v = summary.get(key)
-        return v if isinstance(v, float) and math.isfinite(v) else None
-
-    steps, seconds = number("num_steps"), number("training_seconds")
-    tok_per_sec = number("tok_per_sec")
-    batch, untimed = line(r"^Batch: (\d+) tokens per step"), line(r"(\d+) untimed steps")
-    if tok_per_sec is None and steps is not None and seconds:
-        if batch:
-            tok_per_sec = (steps - int(untimed or 0)) * int(batch) / seconds
-        elif number("total_tokens_M") is not None:
-            tok_per_sec = number("total_tokens_M") * 1e6 / seconds
-    startup = number("startup_seconds")
-    if startup is None and line(rf"^Startup: ({DECIMAL})s"):
-        startup = float(line(rf"^Startup: ({DECIMAL})s"))
-    if startup is None and number("total_seconds") is not None and seconds is not None:
-        startup = number("total_seconds") - seconds - float(line(rf"^Eval: ({DECIMAL})s") or 0)
-    eval_tokens = number("eval_tokens") or line(r"^Hardware: .*\beval (\d+) tokens")
-    budget = line(rf"^Time budget: ({DECIMAL})s")
-    return {"steps": int(steps) if steps is not None else None,
-            "tok_per_sec": round(tok_per_sec, 1) if tok_per_sec is not None else None,
-            "startup_seconds": round(startup, 1) if startup is not None else None,
-            "eval_tokens": int(eval_tokens) if eval_tokens is not None else None,
-            "budget": float(budget) if budget else None,
-            "untimed_steps": int(untimed) if untimed is not None else None}
+def cache_path(env=None):
+    env = os.environ if env is None else env
+    return os.path.abspath(os.path.expanduser(env.get("AUTORESEARCH_CACHE") or DEFAULT_CACHE))
 
 
 def eval_request(env=None):
@@ -147,6 +130,7 @@ def corpus_identity(env=None):
             return json.load(f)
     except (OSError, ValueError):
         return None
+
 
 
 class _Progress:
@@ -185,14 +169,6 @@ def _kill_group(pgid, sig):
         pass
 
 
-def _group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
 def _die_with_parent():
     # Linux: SIGKILL train.py when the process that started it dies (a Ray worker killed mid-run)
     try:
@@ -202,43 +178,220 @@ def _die_with_parent():
         pass
 
 
-def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, pass_fds=(), on_start=None,
-              die_with_parent=False):
-    """Run train.py to completion, timeout or stop request. `stop` is a callable returning a signal name once
-    the harness has been asked to stop (Ctrl-C / SIGTERM)."""
+
+def snapshot(root, dest):
+    """The committed tree of HEAD in `dest`, with the working train.py (the file about to run, already hashed):
+    what the run sees of the project. Untracked files are not there."""
+    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=root, check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(dest)
+    shutil.copyfile(os.path.join(root, TRAIN_FILE), os.path.join(dest, TRAIN_FILE))
+    return dest
+
+
+class _Channel:
+    """scoring.py's events from train.py, each stamped with the harness's clock as it arrives."""
+
+    def __init__(self, fd, start):
+        self.start, self.clock, self.hand_over = start, None, None
+        self.steps = []  # (seconds since start, step, loss, tokens)
+        self.arrived = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(fd,), daemon=True)
+        self.thread.start()
+
+    def _read(self, fd):
+        with os.fdopen(fd, "rb") as f:
+            while line := f.readline(MAX_EVENT_BYTES):
+                t = time.monotonic() - self.start
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue
+                kind = e.get("event") if isinstance(e, dict) else None
+                if kind == "clock" and self.clock is None:
+                    self.clock = t
+                elif kind == "step" and len(self.steps) < MAX_STEP_EVENTS:
+                    self.steps.append((t, _number(e.get("step")), _number(e.get("loss")), _number(e.get("tokens"))))
+                elif kind == "done" and self.hand_over is None:
+                    self.hand_over = (t, e)
+                    self.arrived.set()
+
+
+def _number(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def kernel_files(folders):
+    """The compiled kernels kept in `folders`: a start-up that compiles them is allowed their time."""
+    found = set()
+    for folder in folders:
+        for dirpath, _, names in os.walk(folder):
+            found.update(os.path.join(dirpath, n) for n in names if n.endswith(KERNEL_SUFFIXES))
+    return found
+
+
+class Walls:
+    """Where one run lives (a folder of its own: the project's tree, the scratch folder) and how its two
+    processes start: train.py, then the evaluation of what it handed over."""
+
+    def __init__(self, root, tree, env):
+        self.cache = cache_path(env)
+        self.dir = tempfile.mkdtemp(prefix="autoresearch-run-")
+        self.tree = tree or snapshot(root, os.path.join(self.dir, "tree"))
+        self.scratch = os.path.join(self.dir, "scratch")
+        os.makedirs(os.path.join(self.scratch, "home"))
+        self.enforced, self.how = sandbox.check()
+        # compiled kernels persist between runs, one cache for training and another that train.py cannot write
+        self.train_kernels = os.path.join(self.cache, "mlx-kernels")
+        self.eval_kernels = os.path.join(self.cache, "eval-kernels")
+        self.ptx = env.get("MLX_PTX_CACHE_DIR")
+
+    def env(self, base, evaluation=False):
+        kernels = self.eval_kernels if evaluation else self.train_kernels
+        env = {**base, "AUTORESEARCH_CACHE": self.cache, "AUTORESEARCH_SCRATCH": self.scratch, "PYTHONUNBUFFERED": "1",
+               "PYTHONDONTWRITEBYTECODE": "1", "HOME": os.path.join(self.scratch, "home"),
+               "TMPDIR": os.path.join(kernels, "tmp")}  # MLX's CPU backend keeps its kernels under TMPDIR/mlx
+        if evaluation:
+            env["MLX_PTX_CACHE_DIR"] = os.path.join(kernels, "cuda")
+        return env
+
+    def kernel_folders(self, evaluation=False):
+        if evaluation:
+            return [self.eval_kernels]
+        return [self.train_kernels] + ([self.ptx] if self.ptx else [])
+
+    def command(self, argv, evaluation=False):
+        for folder in self.kernel_folders(evaluation):
+            os.makedirs(os.path.join(folder, "tmp") if folder != self.ptx else folder, exist_ok=True)
+        if not self.enforced:
+            return argv
+        tokens, data = os.path.join(self.cache, "tokens"), os.path.join(self.cache, "data")
+        hidden = () if evaluation else (os.path.join(tokens, "val.bin"), os.path.join(tokens, "val.idx.npy"),
+                                        os.path.join(data, "shard_06542.parquet"))
+        return sandbox.command(argv, self.tree, os.path.join(self.dir, "eval") if evaluation else self.scratch,
+                               self.cache, writable=self.kernel_folders(evaluation), hidden=hidden,
+                               readable=sandbox.python_paths() + ([self.scratch] if evaluation else []))
+
+    def close(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def judge_clock(channel, budget, exit_seconds, new_kernels, model_bytes, startup_reference=None):
+    """Why the harness's clock refuses this run, or None. The run's figures come from `channel`."""
+    if channel.hand_over is None:
+        return None  # judged as a run that handed nothing over
+    done = channel.hand_over[0]
+    if channel.clock is None:
+        return "train.py handed over its model but never started its training clock (scoring.start_clock)"
+    untimed = sum(1 for t, *_ in channel.steps if t <= channel.clock)
+    if untimed > MAX_UNTIMED_STEPS:
+        return (f"train.py trained {untimed} steps before its clock started (at most {MAX_UNTIMED_STEPS}, "
+                "prepare.UNTIMED_STEPS, to compile the graphs)")
+    allowance = max(STARTUP_ALLOWANCE, 2 * (startup_reference or 0)) + KERNEL_CREDIT * new_kernels
+    if channel.clock > allowance:
+        return (f"train.py worked {channel.clock:.1f} s before its training clock started, more than the "
+                f"{allowance:.0f} s every run is allowed for start-up ({new_kernels} kernels compiled): training "
+                "before the clock is not allowed; start the clock before the first training step")
+    timed = [t for t, *_ in channel.steps if t > channel.clock]
+    gaps = [b - a for a, b in zip([channel.clock] + timed, timed)]
+    step = statistics.median(gaps) if len(gaps) >= 3 else 0.0
+    limit = budget + GRACE_STEPS * step + GRACE_SECONDS + model_bytes / EXPORT_BYTES_PER_SECOND
+    if done - channel.clock > limit:
+        return (f"train.py trained {done - channel.clock:.1f} s by the harness's clock, past the {budget:g} s budget "
+                f"(allowed up to {limit:.1f} s: {GRACE_STEPS} steps of {step:.2f} s and the model's hand-over)")
+    return None
+
+
+def figures(channel, evaluation, exit_seconds, peak_mb):
+    """The run's summary as the harness measured it."""
+    summary = {"val_bpb": _number(evaluation.get("val_bpb")), "eval_tokens": _number(evaluation.get("eval_tokens")),
+               "eval_seconds": _number(evaluation.get("seconds")), "total_seconds": round(exit_seconds, 1),
+               "peak_vram_mb": _number(peak_mb)}
+    if channel.clock is not None:
+        summary["startup_seconds"] = round(channel.clock, 1)
+        timed = [s for s in channel.steps if s[0] > channel.clock]
+        summary["num_steps"] = len(timed)
+        tokens = [s[3] for s in channel.steps if s[3] is not None]
+        if channel.hand_over:
+            summary["training_seconds"] = round(channel.hand_over[0] - channel.clock, 1)
+        if tokens:
+            summary["total_tokens_M"] = round(tokens[-1] / 1e6, 3)
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def loss_curve(steps, points=LOSS_CURVE_POINTS):
+    """A few (step, loss) pairs spread over the run."""
+    losses = [(s, loss) for _, s, loss, _ in steps if s is not None and loss is not None]
+    if len(losses) <= points:
+        return [[s, round(loss, 4)] for s, loss in losses]
+    picks = sorted({round(i * (len(losses) - 1) / (points - 1)) for i in range(points)})
+    return [[losses[i][0], round(losses[i][1], 4)] for i in picks]
+
+
+def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, on_start=None,
+              die_with_parent=False, tree=None, startup_reference=None):
+    """Run train.py (from `tree`, or a snapshot of `root`'s HEAD and working train.py) to completion, timeout or stop
+    request, and score what it hands over. `stop` is a callable returning a signal name once the harness has been
+    asked to stop (Ctrl-C / SIGTERM). The log goes to `root`/run.log."""
     stream = stream or sys.stderr
-    env = {**os.environ, "AUTORESEARCH_SEED": str(seed), "AUTORESEARCH_TIME_BUDGET": f"{budget:g}",
-           "PYTHONUNBUFFERED": "1"}  # live output through the pipe
-    log_path = os.path.join(root, LOG_FILE)
+    base_env = {**os.environ, "AUTORESEARCH_SEED": str(seed), "AUTORESEARCH_TIME_BUDGET": f"{budget:g}"}
+    walls = Walls(root, tree, base_env)
     result = RunResult()
-    chunks, last_line = [], [""]
-    corpus = corpus_identity(env)  # read before the run: the cache this run trains on
-    fixed = fixed_identity(root)  # and the fixed modules it imports
-    log = open(log_path, "wb")
+    corpus, fixed = corpus_identity(base_env), fixed_identity(walls.tree)  # what this run trains on and imports
+    kernels_before = kernel_files(walls.kernel_folders())
+    report_r, report_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    env = {**walls.env(base_env), "AUTORESEARCH_REPORT_FD": str(report_w), "AUTORESEARCH_REPLY_FD": str(reply_r)}
+    log = Log(os.path.join(root, LOG_FILE), stream, f"[{label} seed {seed}]")
     start = time.monotonic()
-    # own session = own process group: the timeout kills train.py and everything it started, and a Ctrl-C on
-    # the terminal reaches only the harness, which then stops the group in order
-    proc = subprocess.Popen([sys.executable, "train.py"], cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                            pass_fds=pass_fds, preexec_fn=_die_with_parent if die_with_parent else None)
-    if on_start:
-        on_start(proc.pid)
+    try:
+        # own session = own process group: the timeout kills train.py and everything it started, and a Ctrl-C on
+        # the terminal reaches only the harness, which then stops the group in order
+        proc = subprocess.Popen(walls.command([sys.executable, TRAIN_FILE]), cwd=walls.tree, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, pass_fds=(report_w, reply_r),
+                                preexec_fn=_die_with_parent if die_with_parent else None)
+        os.close(report_w)
+        os.close(reply_r)
+        if on_start:
+            on_start(proc.pid)
+        channel = _Channel(report_r, start)
+        log.pump(proc.stdout)
+        evaluation = _wait(proc, channel, walls, base_env, reply_w, log, stop, start, timeout, result)
+    finally:
+        os.close(reply_w)
+        log.close()
+    exit_seconds = result.child_seconds
+    hand_over = (channel.hand_over or (None, {}))[1]
+    model = hand_over.get("model") if isinstance(hand_over.get("model"), str) else ""
+    model_bytes = os.path.getsize(model) if model and os.path.isfile(model) else 0
+    new_kernels = len(kernel_files(walls.kernel_folders()) - kernels_before)
+    walls.close()
+    result.returncode = proc.returncode
+    result.tail = log.tail()
+    result.summary = figures(channel, evaluation, exit_seconds, hand_over.get("peak_memory_mb"))
+    result.problem = (judge_clock(channel, budget, exit_seconds, new_kernels, model_bytes, startup_reference)
+                      or evaluation.get("problem") or result.problem)
+    if channel.hand_over is None and not result.problem and proc.returncode == 0:
+        result.problem = "train.py exited without handing over its model (scoring.score_model)"
+    s = result.summary
+    tok_per_sec = (s["total_tokens_M"] * 1e6 / s["training_seconds"]
+                   if s.get("total_tokens_M") and s.get("training_seconds") else None)
+    result.facts = {"steps": s.get("num_steps"), "tok_per_sec": round(tok_per_sec, 1) if tok_per_sec else None,
+                    "startup_seconds": s.get("startup_seconds"),
+                    "eval_tokens": int(s["eval_tokens"]) if s.get("eval_tokens") else None, "budget": float(budget),
+                    "untimed_steps": sum(1 for t, *_ in channel.steps if channel.clock is None or t <= channel.clock),
+                    "loss_curve": loss_curve(channel.steps), "new_kernels": new_kernels,
+                    "sandbox": walls.how if walls.enforced else f"none: {walls.how}",
+                    "corpus": corpus, "device": device_key(hardware()), "eval_request": eval_request(base_env),
+                    "fixed_files": fixed}
+    return result
 
-    def pump():  # reads raw bytes: progress lines ending in \r still show up live
-        while True:
-            data = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
-            if not data:
-                break
-            log.write(data)
-            log.flush()
-            chunks.append(data)
-            pieces = [p for p in data.decode(errors="replace").replace("\r", "\n").split("\n") if p.strip()]
-            if pieces:
-                last_line[0] = pieces[-1]
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    progress = _Progress(stream, f"[{label} seed {seed}]")
+def _wait(proc, channel, walls, base_env, reply_w, log, stop, start, timeout, result):
+    """Wait for train.py; score its model when it hands it over. Returns the evaluation ({} if none ran)."""
+    evaluation, exit_by = {}, None
     try:
         while True:
             try:
@@ -248,30 +401,112 @@ def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, 
                 pass
             elapsed = time.monotonic() - start
             result.signal_name = stop()
-            if result.signal_name or elapsed > timeout:
-                result.timed_out = not result.signal_name
+            if result.signal_name or elapsed > timeout or (exit_by and elapsed > exit_by):
+                if exit_by and elapsed > exit_by:
+                    result.problem = f"train.py did not exit within {EXIT_GRACE:.0f} s of receiving its score"
+                else:
+                    result.timed_out = not result.signal_name
                 _kill_group(proc.pid, signal.SIGTERM)
                 try:
                     proc.wait(timeout=KILL_GRACE)
                 except subprocess.TimeoutExpired:
                     pass
                 break
-            progress.update(elapsed, last_line[0])
+            if channel.arrived.is_set() and not evaluation:
+                evaluation = _evaluate(channel, walls, base_env, log, stop, start + timeout)
+                reply = {"error": evaluation["problem"]} if "problem" in evaluation else \
+                    {"val_bpb": evaluation["val_bpb"], "eval_tokens": evaluation["eval_tokens"]}
+                try:
+                    os.write(reply_w, (json.dumps(reply) + "\n").encode())
+                except OSError:
+                    pass
+                exit_by = time.monotonic() - start + EXIT_GRACE  # it has its score: nothing left to wait for
+            log.progress(elapsed)
     finally:
         # whatever happened, nothing train.py started may outlive the run
         _kill_group(proc.pid, signal.SIGKILL)
         proc.wait()
         result.child_seconds = time.monotonic() - start
-        reader.join(timeout=5)
-        log.close()
-        progress.close()
-    result.returncode = proc.returncode
-    text = b"".join(chunks).decode(errors="replace")
-    result.summary = parse_summary(text)
-    result.facts = {**run_facts(text, result.summary), "corpus": corpus, "device": device_key(hardware()),
-                    "eval_request": eval_request(env), "fixed_files": fixed}
-    result.tail = [line for line in text.replace("\r", "\n").split("\n") if line.strip()][-TAIL_LINES:]
-    return result
+        channel.thread.join(timeout=5)
+    return evaluation
+
+
+def _evaluate(channel, walls, base_env, log, stop, deadline):
+    """Score the handed-over model with `scoring.py evaluate`, fixed code in a process of its own."""
+    model = channel.hand_over[1].get("model")
+    if not isinstance(model, str) or not os.path.isfile(model) or \
+            os.path.dirname(os.path.realpath(model)) != os.path.realpath(walls.scratch):
+        return {"problem": f"train.py handed over {model!r}, not a model file in its scratch folder (scoring.score_model)"}
+    log.write(f"--- the harness scores the handed-over model ({os.path.getsize(model) / 1e6:.1f} MB)\n")
+    read, write = os.pipe()
+    t0 = time.monotonic()
+    argv = [sys.executable, SCORING, "evaluate", model, "--result-fd", str(write)]
+    proc = subprocess.Popen(walls.command(argv, evaluation=True), cwd=walls.tree, env=walls.env(base_env, True),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, pass_fds=(write,))
+    os.close(write)
+    output = []
+    reader = threading.Thread(target=lambda: output.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    with os.fdopen(read, "rb") as f:
+        while proc.poll() is None and not stop() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _kill_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        score = f.read()
+    reader.join(timeout=5)
+    text = b"".join(output).decode(errors="replace")
+    log.write(text)
+    try:
+        evaluation = json.loads(score)
+    except ValueError:
+        last = [line for line in text.splitlines() if line.strip()][-1:] or [f"exit code {proc.returncode}"]
+        return {"problem": f"the evaluation of the handed-over model failed: {last[0].strip()[:300]}"}
+    evaluation["seconds"] = round(time.monotonic() - t0, 2)
+    return evaluation
+
+
+class Log:
+    """run.log and the live progress line: everything train.py prints, then the evaluation's output."""
+
+    def __init__(self, path, stream, label):
+        self.file = open(path, "wb")
+        self.lock = threading.Lock()
+        self.chunks, self.last_line = [], ""
+        self.progress_line = _Progress(stream, label)
+        self.start = time.monotonic()
+        self.reader = None
+
+    def pump(self, pipe):
+        def read():  # raw bytes: progress lines ending in \r still show up live
+            while data := (pipe.read1(65536) if hasattr(pipe, "read1") else pipe.read(4096)):
+                self.write(data)
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+
+    def write(self, data):
+        data = data.encode() if isinstance(data, str) else data
+        with self.lock:
+            self.file.write(data)
+            self.file.flush()
+            self.chunks.append(data)
+            pieces = [p for p in data.decode(errors="replace").replace("\r", "\n").split("\n") if p.strip()]
+            if pieces:
+                self.last_line = pieces[-1]
+
+    def progress(self, elapsed):
+        self.progress_line.update(elapsed, self.last_line)
+
+    def tail(self):
+        text = b"".join(self.chunks).decode(errors="replace")
+        return [line for line in text.replace("\r", "\n").split("\n") if line.strip()][-TAIL_LINES:]
+
+    def close(self):
+        if self.reader:
+            self.reader.join(timeout=5)
+        self.file.close()
+        self.progress_line.close()
+
 
 
 # ---------------------------------------------------------------------------
@@ -285,6 +520,10 @@ def hardware():
     if _HARDWARE is None:
         info = {"host": platform.node(), "system": platform.system(), "machine": platform.machine(),
                 "cpu_count": os.cpu_count(), "python": platform.python_version()}
+        try:
+            info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
+        except (ValueError, OSError, AttributeError):
+            pass
         try:
             with open("/proc/cpuinfo") as f:
                 info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
