@@ -46,10 +46,12 @@ def start_clock():
     _send("clock")
 
 
-def report_step(step, loss):
-    """Optimizer step `step` is done with mean loss `loss`."""
+def report_step(step, loss, tokens=None):
+    """Optimizer step `step` is done with mean loss `loss`; `tokens` trained so far defaults to what the fixed
+    dataloader handed out."""
     prepare = sys.modules.get("prepare")
-    tokens = prepare.TOKENS_SERVED["train"] if prepare else None  # rows the fixed dataloader handed out
+    if tokens is None and prepare is not None:
+        tokens = prepare.TOKENS_SERVED["train"]
     _send("step", step=int(step), loss=float(loss), tokens=tokens)
 
 

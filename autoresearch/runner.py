@@ -305,7 +305,8 @@ def judge_clock(channel, budget, exit_seconds, new_kernels, model_bytes, startup
 
 def figures(channel, evaluation, exit_seconds, peak_mb):
     """The run's summary as the harness measured it."""
-    summary = {"val_bpb": _number(evaluation.get("val_bpb")), "eval_tokens": _number(evaluation.get("eval_tokens")),
+    val_bpb = evaluation.get("val_bpb")  # nan stays nan: the gate says so
+    summary = {"val_bpb": float(val_bpb) if isinstance(val_bpb, (int, float)) else None, "eval_tokens": _number(evaluation.get("eval_tokens")),
                "eval_seconds": _number(evaluation.get("seconds")), "total_seconds": round(exit_seconds, 1),
                "peak_vram_mb": _number(peak_mb)}
     if channel.clock is not None:
@@ -376,8 +377,9 @@ def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, 
     if channel.hand_over is None and not result.problem and proc.returncode == 0:
         result.problem = "train.py exited without handing over its model (scoring.score_model)"
     s = result.summary
-    tok_per_sec = (s["total_tokens_M"] * 1e6 / s["training_seconds"]
-                   if s.get("total_tokens_M") and s.get("training_seconds") else None)
+    tokens = [step[3] for step in channel.steps if step[3] is not None]
+    trained = channel.hand_over[0] - channel.clock if channel.hand_over and channel.clock is not None else 0
+    tok_per_sec = tokens[-1] / trained if tokens and trained > 0 else None
     result.facts = {"steps": s.get("num_steps"), "tok_per_sec": round(tok_per_sec, 1) if tok_per_sec else None,
                     "startup_seconds": s.get("startup_seconds"),
                     "eval_tokens": int(s["eval_tokens"]) if s.get("eval_tokens") else None, "budget": float(budget),

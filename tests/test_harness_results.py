@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from autoresearch import gate
+from autoresearch import gate, runner
 from test_harness import ar, ar_start, baseline, edit, git, ledger, read, repo, results  # noqa: F401 (repo: fixture)
 
 
@@ -109,36 +109,26 @@ def test_more_than_two_untimed_steps_is_a_crash_even_as_a_baseline(repo):
     assert not [x for x in runs(repo) if x["verdict"] == "keep"]
 
 
-def test_a_run_that_changes_its_own_evaluation_is_not_compared(repo):
-    base = baseline(repo)
-    edit(repo, BPB=0.5, EVAL_TOKENS=512)  # a train.py that evaluates on fewer tokens "improves" a lot
-    r = ar(repo, "run", "-m", "smaller eval")
-    assert r.returncode == 0 and "verdict:      discard" in r.stdout and "not comparable" in r.stdout, r.stdout
-    assert git(repo, "rev-parse", "HEAD") == base
-    rec = runs(repo)[-1]
-    assert rec["comparable"] is False and rec["settings"]["eval_tokens"] == 512
-    assert gate.pool(ledger(repo), rec["content_hash"]) == []  # never pooled
-
-
 # ---------------------------------------------------------------------------
 # item 5 and item 3: throughput and start-up in every verdict
 
 def test_verdicts_and_noise_show_steps_and_tok_s_and_warn_on_a_change(repo):
+    # tok/s is the harness's: tokens reported by the steps over the training seconds on its own clock
     baseline(repo)
     r = ar(repo, "noise", "-n", "2")
-    assert r.returncode == 0 and "3 steps, 1,000 tok/s" in r.stdout and "15%" in r.stdout, r.stdout
-    assert json.load(open(os.path.join(repo, ".autoresearch", "noise.json")))["autoresearch/test"]["tok_per_sec"] == 1000
+    assert r.returncode == 0 and "3 steps, " in r.stdout and "15%" in r.stdout, r.stdout
+    noise_tps = json.load(open(os.path.join(repo, ".autoresearch", "noise.json")))["autoresearch/test"]["tok_per_sec"]
+    assert 3000 / 0.6 < noise_tps <= 3000 / 0.3  # 3 steps of 0.1 s and the hand-over
 
-    edit(repo, BPB=1.5, TOKENS_PER_STEP=900)  # 10 % slower: within the tolerance
+    edit(repo, BPB=1.5, TOKENS_PER_STEP=950)  # 5 % slower: within the tolerance
     r = ar(repo, "run", "-m", "a bit slower")
-    assert "throughput:   3 steps, 900 tok/s" in r.stdout and "-10%" in r.stdout and "warning:" not in r.stdout
+    assert "throughput:   3 steps, " in r.stdout and "warning:" not in r.stdout, r.stdout
 
-    edit(repo, BPB=1.5, TOKENS_PER_STEP=700)  # 30 % slower: the machine is busier than when noise was measured
+    edit(repo, BPB=1.5, TOKENS_PER_STEP=500)  # half as fast: the machine is busier than when noise was measured
     r = ar(repo, "run", "-m", "much slower")
-    assert "throughput:   3 steps, 700 tok/s" in r.stdout
-    assert "warning:      tok/s 700 is 30% below the noise runs' 1,000" in r.stdout
+    assert re.search(r"warning:      tok/s [\d,]+ is \d+% below the noise runs'", r.stdout), r.stdout
     assert "measure noise again (`autoresearch noise`)" in r.stdout
-    assert runs(repo)[-1]["tok_per_sec"] == 700 and runs(repo)[-1]["warnings"]
+    assert runs(repo)[-1]["tok_per_sec"] < 0.7 * noise_tps and runs(repo)[-1]["warnings"]
 
 
 def test_the_header_shows_the_bar_the_verdict_will_use_against_a_pooled_best(repo):
@@ -151,15 +141,15 @@ def test_the_header_shows_the_bar_the_verdict_will_use_against_a_pooled_best(rep
     assert f"bar {bar} for 1 run vs the best's 3" in r.stdout.split("---")[0], r.stdout
 
 
-def test_start_up_far_above_the_baseline_is_flagged(repo):
-    baseline(repo)  # start-up 1 s
-    edit(repo, BPB=1.5, STARTUP=20.0)  # 20x, but only 19 s more: compilation of a bigger model, say
+def test_start_up_is_the_harness_s_and_work_before_the_clock_is_a_crash(repo):
+    baseline(repo)
+    edit(repo, BPB=1.5, STARTUP=1.0)  # a second of start-up: within the allowance
     r = ar(repo, "run", "-m", "slower start")
-    assert "start-up 20 s" in r.stdout and "warning:" not in r.stdout
-    edit(repo, BPB=0.5, STARTUP=45.0)  # work bought outside the budget
+    assert "start-up 1 s" in r.stdout and runs(repo)[-1]["startup_seconds"] >= 1.0, r.stdout
+    edit(repo, BPB=0.5, STARTUP=runner.STARTUP_ALLOWANCE + 1)  # work bought outside the budget
     r = ar(repo, "run", "-m", "precompute before the timer")
-    assert "warning:      start-up 45 s is far above the baseline's 1 s" in r.stdout
-    assert "start-up 45 s" in runs(repo)[-1]["warnings"][0]
+    assert r.returncode == 1 and "verdict:      crash" in r.stdout and "before its training clock started" in r.stdout
+    assert runs(repo)[-1]["verdict"] == "crash" and runs(repo)[-1]["startup_seconds"] > runner.STARTUP_ALLOWANCE
 
 
 # ---------------------------------------------------------------------------
@@ -402,7 +392,7 @@ def test_status_results_and_plot_agree(repo):
 def test_edit_made_during_a_run_survives_its_revert(repo, how):
     base = baseline(repo, "--budget", "1")
     if how == "discard":
-        edit(repo, BPB=1.5, SLEEP=2.0)
+        edit(repo, BPB=1.5, SLEEP=1.5)
     else:
         edit(repo, MODE="hang")
     log = os.path.join(repo, "run.log")
@@ -452,21 +442,25 @@ def test_bad_settings_for_noise_and_status(repo):
     assert r.returncode == 0 and "Traceback" not in r.stderr and "best:" in r.stdout
 
 
-def test_run_facts_from_train_py_output():
-    from autoresearch import runner
+def test_the_clock_rules():
+    class Channel:  # what train.py sent, stamped with the harness's clock (seconds since its start)
+        def __init__(self, clock, steps, done):
+            self.clock, self.hand_over = clock, (done, {})
+            self.steps = [(t, i, 3.0, 1000 * i) for i, t in enumerate(steps)]
 
-    text = ("Hardware: cpu (AMD EPYC, 24 GB) | device batch 2, "
-            "eval 131072 tokens\nTime budget: 15s\nBatch: 4096 tokens per step = 1 x 2 rows x 2048\n"
-            "Startup: 3.8s (data, compile, 2 untimed steps)\nEval: 6.1s\n---\nval_bpb: 2.5\ntraining_seconds: 15.2\n"
-            "total_seconds: 25.3\nnum_steps: 12\ntotal_tokens_M: 0.0\n")
-    facts = runner.run_facts(text, runner.parse_summary(text))
-    assert facts == {"steps": 12, "tok_per_sec": round(10 * 4096 / 15.2, 1), "startup_seconds": 3.8,
-                     "eval_tokens": 131072, "budget": 15.0, "untimed_steps": 2}
-    # summary keys win over the lines; whatever an edited train.py prints, the harness reads it without failing
-    text += "eval_tokens: 8192\nstartup_seconds: 2.0\n"
-    assert runner.run_facts(text, runner.parse_summary(text))["eval_tokens"] == 8192
-    for junk in ("Time budget: .s\nStartup: xs\n---\nnum_steps: nan\ntraining_seconds: 0\n", "---\neval_tokens: inf\n"):
-        assert set(runner.run_facts(junk, runner.parse_summary(junk)).values()) == {None}
+    honest = Channel(3.0, [1.0, 2.0] + [3.0 + 0.5 * k for k in range(1, 21)], 13.4)
+    assert runner.judge_clock(honest, 10, 14, 0, 0) is None
+    late = Channel(40.0, [1.0, 2.0, 41.0, 42.0, 43.0], 50.0)  # 37 s of work before the clock
+    assert "before its training clock started" in runner.judge_clock(late, 10, 51, 0, 0)
+    assert runner.judge_clock(late, 10, 51, 6, 0) is None  # 6 kernels compiled: 30 s more allowed
+    assert runner.judge_clock(late, 10, 51, 0, 0, startup_reference=25.0) is None  # the best kept run took 25 s
+    long = Channel(3.0, [1.0, 2.0] + [3.0 + 0.5 * k for k in range(1, 41)], 23.5)  # twice the budget
+    assert "past the 10 s budget" in runner.judge_clock(long, 10, 24, 0, 0)
+    assert runner.judge_clock(long, 10, 24, 0, 10 * runner.EXPORT_BYTES_PER_SECOND) is None  # a 10 s export
+    early = Channel(3.0, [0.5, 1.0, 1.5, 2.0] + [3.5], 4.0)
+    assert "trained 4 steps before its clock" in runner.judge_clock(early, 10, 5, 0, 0)
+    none = Channel(None, [1.0], 4.0)
+    assert "never started its training clock" in runner.judge_clock(none, 10, 5, 0, 0)
 
 
 def test_the_already_run_refusal_quotes_the_pooled_mean(repo):
