@@ -44,15 +44,15 @@ def score_rows(model, tokenizer, max_rows=None):
 
 
 def train_and_score(seed, max_rows=None):
-    """Run train.py's main() for this seed; its evaluation call is replaced by score_rows."""
+    """Run train.py's main() for this seed; its hand-over to scoring.py is replaced by score_rows."""
     scored = {}
 
-    def capture(model, tokenizer, batch_size):
-        scored["rows"] = score_rows(model, tokenizer, max_rows)
+    def capture(model):
+        scored["rows"] = score_rows(model, prepare.Tokenizer.from_directory(), max_rows)
         nats, nbytes, _ = scored["rows"]
         return nats.sum() / (math.log(2) * nbytes.sum()), len(nats) * prepare.MAX_SEQ_LEN
     train.SEED = seed
-    train.evaluate_bpb = capture
+    train.score_model = capture
     train.main()
     return scored["rows"]
 

@@ -111,7 +111,7 @@ def test_loop_applies_good_edits_and_sends_bad_ones_back(arepo):
     assert "You **may not**" in first[0]["content"] and "BPB = 1.0" in first[1]["content"]
     assert "#3 discard" in later[1]["content"] and "#2 keep" in later[1]["content"]
     assert "BPB matters a lot" in later[1]["content"]  # the NOTE: line came back
-    assert "num_steps 3.0" in later[1]["content"]  # the best run's summary block
+    assert "num_steps 3" in later[1]["content"]  # the best run's summary block
     # a fresh request per experiment, plus only the last rejected reply and its reason: never a transcript
     assert len(server.requests[4]["body"]["messages"]) == 2 and len(later) == 4
 
