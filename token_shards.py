@@ -11,6 +11,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -55,9 +56,10 @@ def _file_sha256(path):
     return digest.hexdigest()
 
 
-def check_token_shards(verify_contents=False):
+def check_token_shards(verify_contents=False, min_val_tokens=0):
     """The token manifest, if both splits' token shards exist and match this cache's corpus and tokenizer (sizes
-    checked; contents too with `verify_contents`). Otherwise a PrepareError that names the command to run."""
+    checked; contents too with `verify_contents`) and the validation split holds `min_val_tokens` (prepare.py's
+    row: one evaluation row needs that many). Otherwise a PrepareError that names the command to run."""
     for split in ("train", "val"):
         list_shards(split)  # a missing split is named as such
     rerun = f"Run: {prepare_command()}"
@@ -88,6 +90,12 @@ def check_token_shards(verify_contents=False):
                 raise PrepareError(f"the token file {path} is missing or truncated. {rerun}")
             if verify_contents and _file_sha256(path) != expected["sha256"]:
                 raise PrepareError(f"the token file {path} is corrupt (sha256 differs). {rerun}")
+    # the manifest's count, not val.bin: found before training, not by evaluate_bpb once the budget is spent
+    val_tokens = manifest["splits"]["val"].get("tokens", 0)
+    if val_tokens < min_val_tokens:
+        raise PrepareError(f"the validation split in {data_dir()} holds {val_tokens:,} tokens, less than one row of "
+                           f"{min_val_tokens:,}: val_bpb can't be measured. Prepare a bigger corpus: uv run prepare.py "
+                           f"--source PATH --cache-dir {shlex.quote(cache_dir())} --force")
     return manifest
 
 
