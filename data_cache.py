@@ -118,8 +118,10 @@ def discard_unclaimed_shards():
 
 
 def clear_cache():
+    """Remove the corpus and its tokenizer (--force). Shards staged for the corpus that replaces them stay."""
     for path in glob.glob(os.path.join(data_dir(), "*")) + glob.glob(os.path.join(tokenizer_dir(), "*")):
-        os.remove(path)
+        if not path.endswith(".staged"):
+            os.remove(path)
 
 
 def list_shards(split):

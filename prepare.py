@@ -551,7 +551,9 @@ def make_dataloader(tokenizer, B, T, split, seed=SEED, buffer_size=1000):
     (the shortest, to fill the row exactly), so there is no padding. A background thread packs
     the next LOADER_PREFETCH batches while the caller computes."""
     assert split in ("train", "val"), split
-    manifest = check_token_shards(splits=(split,))  # a training run cannot read the validation split (scoring.py)
+    # a split evaluate_bpb can't score stops the run now; a training run under the harness cannot read the
+    # validation split at all (scoring.py), only its size in the manifest
+    manifest = check_token_shards(splits=(split,), min_val_tokens=MAX_SEQ_LEN + 1)
     if tokenizer.get_bos_token_id() != manifest["bos"]:
         raise PrepareError(f"this tokenizer's BOS id differs from the token shards' in {tokens_dir()}. "
                            f"Run: {prepare_command()}")
@@ -726,17 +728,18 @@ def main(argv=None):
         parser.error("--tokenize-workers must be at least 1")
     print(f"Cache directory: {cache_dir()}")
     try:
-        if args.force:
+        if args.force and not args.source:
             clear_cache()
         if args.source:
             discard_unclaimed_shards()
-            import_local_corpus(args.source)
+            import_local_corpus(args.source, replace=args.force)  # clears the cache once the new corpus read cleanly
         elif _holds_local_corpus():
             print(f"Data: the local corpus already in {data_dir()} (--source replaces it)")
         else:
             download_data(MAX_SHARD if args.num_shards == -1 else args.num_shards, workers=args.download_workers)
         train_tokenizer()
         tokenize_corpus(Tokenizer.from_directory, args.tokenize_workers)
+        check_token_shards(min_val_tokens=MAX_SEQ_LEN + 1)  # a cache no run could score is not finished
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from data_cache import (PrepareError, cache_dir, data_dir, data_source, list_shards, prepare_command, tokenizer_dir,
+from data_cache import (VAL_FILENAME, PrepareError, cache_dir, data_dir, data_source, list_shards, prepare_command, tokenizer_dir,
                         tokens_dir, write_atomic)
 
 TOKEN_DTYPE = np.uint16   # every id is below VOCAB_SIZE = 8192 (prepare.py asserts it): 2 bytes a token on disk
@@ -55,9 +56,11 @@ def _file_sha256(path):
     return digest.hexdigest()
 
 
-def check_token_shards(verify_contents=False, splits=("train", "val")):
+def check_token_shards(verify_contents=False, splits=("train", "val"), min_val_tokens=0):
     """The token manifest, if the splits' token shards exist and match this cache's corpus and tokenizer (sizes
-    checked; contents too with `verify_contents`). Otherwise a PrepareError that names the command to run."""
+    checked; contents too with `verify_contents`) and the validation split holds `min_val_tokens` (prepare.py's
+    row: one evaluation row needs that many; read from the manifest, so a training run need not see the split).
+    Otherwise a PrepareError that names the command to run."""
     for split in splits:
         list_shards(split)  # a missing split is named as such
     rerun = f"Run: {prepare_command()}"
@@ -76,6 +79,9 @@ def check_token_shards(verify_contents=False, splits=("train", "val")):
     if manifest.get("source") != data_source():
         raise PrepareError(f"the token shards in {tokens_dir()} were made from another corpus. {rerun}")
     for split in splits:
+        if split == "val" and not os.path.isfile(os.path.join(data_dir(), VAL_FILENAME)):
+            raise PrepareError(f"the validation split in {data_dir()} is walled off here: under the harness a training "
+                               "run cannot read it; only the harness's evaluation (scoring.py) does")
         entry, now = manifest.get("splits", {}).get(split, {}), split_identity(split)
         if entry.get("shards") != now:
             changed = sorted({name for name, _ in now} ^ {name for name, _ in entry.get("shards", [])}
@@ -84,10 +90,19 @@ def check_token_shards(verify_contents=False, splits=("train", "val")):
                                f"({', '.join(changed)}). {rerun}")
         for name, expected in entry.get("files", {}).items():
             path = os.path.join(tokens_dir(), name)
+            if os.path.exists(path) and not os.path.isfile(path):
+                raise PrepareError(f"the token file {path} is walled off here: under the harness a training run cannot "
+                                   "read the validation split; only the harness's evaluation (scoring.py) does")
             if not os.path.exists(path) or os.path.getsize(path) != expected["bytes"]:
                 raise PrepareError(f"the token file {path} is missing or truncated. {rerun}")
             if verify_contents and _file_sha256(path) != expected["sha256"]:
                 raise PrepareError(f"the token file {path} is corrupt (sha256 differs). {rerun}")
+    # the manifest's count, not val.bin: found before training, not by evaluate_bpb once the budget is spent
+    val_tokens = manifest["splits"]["val"].get("tokens", 0)
+    if val_tokens < min_val_tokens:
+        raise PrepareError(f"the validation split in {data_dir()} holds {val_tokens:,} tokens, less than one row of "
+                           f"{min_val_tokens:,}: val_bpb can't be measured. Prepare a bigger corpus: uv run prepare.py "
+                           f"--source PATH --cache-dir {shlex.quote(cache_dir())} --force")
     return manifest
 
 

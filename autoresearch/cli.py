@@ -8,8 +8,8 @@ import os
 import sys
 
 from autoresearch import experiment, gate, gitops, ledger, serve
-from autoresearch.common import (CONFIRM_SEEDS, DEFAULT_BUDGET, DEFAULT_SEED, EXIT_OK, EXIT_REFUSED, NOISE_RUNS,
-                                 Options, Refusal, env_number, number)
+from autoresearch.common import (CONFIRM_SEEDS, DEFAULT_BUDGET, DEFAULT_SEED, EXIT_CRASH, EXIT_OK, EXIT_REFUSED,
+                                 NOISE_RUNS, Options, Refusal, env_number, number, quiet_stdout)
 from autoresearch.ledger import LedgerError
 
 DESCRIPTION = """\
@@ -220,7 +220,21 @@ def build_parser():
     return parser
 
 
+def left_out(records):
+    """A word on the run records the views leave out for want of a known verdict (status names them)."""
+    n = len(gate.unjudged(records))
+    return f" ({n} run record(s) with no known verdict left out: see `autoresearch status`)" if n else ""
+
+
 def main(argv=None):
+    try:
+        return command(argv)
+    except BrokenPipeError:  # piped into `head`, which has read what it wanted: stop without a traceback
+        quiet_stdout()
+        return EXIT_CRASH
+
+
+def command(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -267,7 +281,7 @@ def main(argv=None):
         root = gitops.repo_root()
         if args.command == "rebuild-tsv":
             n = ledger.write_results(root)
-            print(f"wrote {ledger.RESULTS_FILE} with {n} experiments")
+            print(f"wrote {ledger.RESULTS_FILE} with {n} experiments{left_out(ledger.read_ledger(root))}")
             return EXIT_OK
         branch = args.branch or gitops.current_branch(root) or "HEAD"
         if args.command == "status":
@@ -280,9 +294,14 @@ def main(argv=None):
             margin = gate.margin(ledger.read_noise(root, branch))[0]
             # kept commits a reset took out of this history are not kept any more
             in_history = gitops.history(root, args.branch or "HEAD")
-            path = plot.make_plot(records, args.output or os.path.join(root, plot.PLOT_FILE), title=branch,
-                                  margin=margin, in_history=in_history)
-            print(f"wrote {path}")
+            path = args.output or os.path.join(root, plot.PLOT_FILE)
+            try:
+                plot.make_plot(records, path, title=branch, margin=margin, in_history=in_history)
+            except OSError as e:
+                why = ("a file is where a folder should be" if isinstance(e, (FileExistsError, NotADirectoryError))
+                       else e.strerror or str(e))
+                raise Refusal(f"cannot write {path}: {why} ({e.filename}); choose another path with -o") from None
+            print(f"wrote {path}{left_out(records)}")
             return EXIT_OK
     except (Refusal, LedgerError) as e:
         print(f"autoresearch: {e}", file=sys.stderr)

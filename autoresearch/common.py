@@ -9,6 +9,7 @@ parallel -> cli. `status` and `plot` read the ledger and sit beside experiment, 
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -67,9 +68,20 @@ class Options:
         return self.timeout if self.timeout is not None else default_timeout(self.budget)
 
 
+def quiet_stdout():
+    """The reader of our stdout is gone (`autoresearch status | head -1`): send the rest, and the flush at exit,
+    to /dev/null instead of failing on every write."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def say(*lines):
     for line in lines:
-        print(line, flush=True)
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:
+            quiet_stdout()  # a run's bookkeeping (commit, ledger, revert) must not stop halfway for a closed pipe
 
 
 def now_iso():

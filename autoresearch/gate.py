@@ -27,6 +27,7 @@ DEFAULT_MARGIN = 0.005   # used until `autoresearch noise` has run: a guess, mea
 NOISE_MULT = 2.0         # two noise standard deviations: a no-op change passes by luck only ~8% of the time
 MARGIN_FLOOR = 0.001     # never trust gains below this, however quiet the hardware looks
 OK_VERDICTS = ("keep", "discard", "noise", "remeasure")  # runs whose val_bpb is a valid measurement
+RUN_VERDICTS = ("keep", "discard", "crash", "interrupted", "remeasure")  # what an experiment record can say
 # what must be equal for two runs to be compared: eval_request is AUTORESEARCH_EVAL_TOKENS as set (or "default"),
 # known before a run; eval_tokens what the run says it evaluated
 SETTINGS = ("budget", "corpus", "eval_request", "eval_tokens", "device", "fixed_files", "untimed_steps")
@@ -37,8 +38,14 @@ def branch_records(ledger, branch):
 
 
 def verdicts(records):
-    """Every record with a verdict of its own: the experiments and the remeasurements of kept train.py's."""
-    return [r for r in records if r["kind"] == "run"]
+    """Every record with a verdict of its own: the experiments and the remeasurements of kept train.py's. A run
+    record without a known verdict (edited by hand, or another tool's) is left out of every view: see unjudged."""
+    return [r for r in records if r["kind"] == "run" and r.get("verdict") in RUN_VERDICTS]
+
+
+def unjudged(records):
+    """The run records that verdicts() leaves out, for status and the other views to name."""
+    return [r for r in records if r["kind"] == "run" and r.get("verdict") not in RUN_VERDICTS]
 
 
 def experiments(records):
@@ -69,8 +76,10 @@ def run_value(record):
 
 
 def already_run(records, content_hash):
-    """Earlier experiments of this exact train.py (interrupted ones don't count: they never finished)."""
-    return [r for r in experiments(records) if r.get("content_hash") == content_hash and r["verdict"] != "interrupted"]
+    """Earlier experiments of this exact train.py that measured it. Interrupted ones never finished, and a crash
+    can be a fluke (a timeout, a lost worker, a full disk): running the same train.py again is not a repeat."""
+    return [r for r in experiments(records) if r.get("content_hash") == content_hash
+            and r["verdict"] not in ("interrupted", "crash")]
 
 
 def pool(records, content_hash):
@@ -96,8 +105,10 @@ def shown_value(records, record):
 
 
 def free_seeds(records, content_hash, start, n):
-    """n seeds from `start` up that this train.py has not run with yet, so a pool never counts one seed twice."""
-    used = {r.get("seed") for r in records if r.get("content_hash") == content_hash and r.get("verdict") != "interrupted"}
+    """n seeds from `start` up that this train.py has not run with yet, so a pool never counts one seed twice. A
+    crashed or interrupted run put nothing in the pool: its seed is still free."""
+    used = {r.get("seed") for r in records if r.get("content_hash") == content_hash
+            and r.get("verdict") not in ("interrupted", "crash")}
     seeds, s = [], start
     while len(seeds) < n:
         if s not in used:

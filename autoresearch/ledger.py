@@ -178,15 +178,38 @@ def write_results(root):
 # ---------------------------------------------------------------------------
 # noise.json
 
+def _noise_problem(estimate):
+    """What is wrong with one branch's noise estimate, or None: the margin, status and every verdict use its std
+    and tok/s as numbers, so they are checked here, where the file is read."""
+    if not isinstance(estimate, dict):
+        return f"an estimate must be a JSON object, found {estimate!r}"
+    for key in ("std", "tok_per_sec"):
+        v = estimate.get(key)
+        # bool is an int to Python, not a number here; NaN and inf are valid JSON to Python's reader
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and v >= 0):
+            return f"{key} must be a number >= 0, found {v!r}"
+    return None
+
+
 def read_noise(root, branch):
+    """This branch's noise estimate, or None if it has none; a LedgerError if the file is damaged."""
     path = os.path.join(root, STATE_DIR, NOISE_FILE)
     if not os.path.exists(path):
         return None
+    fix = "delete it and run `autoresearch noise` again"
     try:
         with open(path) as f:
-            return json.load(f).get(branch)
-    except (json.JSONDecodeError, AttributeError):
-        raise LedgerError(f"{path} is damaged; delete it and run `autoresearch noise` again.") from None
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LedgerError(f"{path} is damaged (not valid JSON); {fix}.") from None
+    if not isinstance(data, dict):
+        raise LedgerError(f"{path} is damaged (not a JSON object of branches); {fix}.")
+    estimate = data.get(branch)
+    problem = _noise_problem(estimate) if estimate is not None else None
+    if problem:
+        raise LedgerError(f"{path} is damaged ({branch}: {problem}); {fix}.")
+    return estimate
 
 
 def write_noise(root, branch, estimate):

@@ -50,6 +50,7 @@ def series(records, margin=None, in_history=lambda commit: True):
 
 
 def make_plot(records, path, title="", margin=None, in_history=lambda commit: True):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # -o into a folder not made yet
     s = series(records, margin, in_history)
     exps, xs, vals, kept, left, disc, crash, bars = (s[k] for k in ("exps", "xs", "vals", "kept", "left", "discarded",
                                                                      "crash", "bars"))

@@ -74,11 +74,13 @@ def render(root, branch, n_last=LAST_RUNS):
     in_history = gitops.history(root)
     s = summarize(records, noise, in_history)
     out = [f"branch:          {branch}"]
+    skipped = skipped_line(records)
     if not s["last"]:
         others = sorted({r.get("branch") for r in ledger.read_ledger(root)} - {branch, None})
         out.append("no experiments on this branch yet: run the baseline with `autoresearch run -m baseline`.")
         if others:
             out.append("branches with experiments: " + ", ".join(others))
+        out += skipped
         from autoresearch import agent
         return "\n".join(out + agent.status_lines(root))
     b, base = s["best_record"], s["baseline_record"]
@@ -105,6 +107,7 @@ def render(root, branch, n_last=LAST_RUNS):
     left = f"; {s['left']} since left by a git reset" if s["left"] else ""
     out.append(f"experiments:     {s['experiments']} = {s['kept']} kept (baseline included{left}) + {s['discarded']} "
                f"discarded + {s['crashed']} crashed + {s['interrupted']} interrupted")
+    out += skipped
     if s["remeasured"]:
         out.append(f"remeasured:      {s['remeasured']} rerun(s) of kept commits (--rerun): runs in their pools, "
                    "not experiments")
@@ -140,6 +143,16 @@ def render(root, branch, n_last=LAST_RUNS):
                    f"{r['verdict']:11}  {r['description']}")
         out += [f"        warning: {w}" for w in r.get("warnings") or ()]
     return "\n".join(out)
+
+
+def skipped_line(records):
+    """The run records every count leaves out for want of a known verdict, named so they can be fixed by hand."""
+    bad = gate.unjudged(records)
+    if not bad:
+        return []
+    commits = ", ".join(str(r.get("commit") or "-")[:7] for r in bad[:5]) + (", ..." if len(bad) > 5 else "")
+    return [f"skipped:         {len(bad)} run record(s) in {ledger.STATE_DIR}/{ledger.LEDGER_FILE} with no known "
+            f"verdict (commit {commits}): not counted or shown"]
 
 
 def parallel_lines(root):

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -276,6 +277,23 @@ def test_baseline_crash_leaves_train_py_for_fixing(repo):
     assert r.returncode == 0 and "baseline" in r.stdout
 
 
+def test_a_crash_is_not_already_run_and_spends_no_seed(repo):
+    # a crash can be a fluke (here: a timeout): the same train.py runs again without --rerun, with the same seed
+    edit(repo, SLEEP=1.5)
+    r = ar(repo, "run", "-m", "baseline", "--budget", "0.5", "--timeout", "1")
+    assert r.returncode == 1 and "timed out" in r.stdout, r.stdout + r.stderr
+    r = ar(repo, "run", "-m", "baseline again", "--budget", "0.5")
+    assert r.returncode == 0 and "verdict:      keep" in r.stdout, r.stdout + r.stderr
+    edit(repo, BPB=0.9)
+    assert ar(repo, "run", "-m", "better, timed out", "--budget", "0.5", "--timeout", "1").returncode == 1
+    edit(repo, BPB=0.9)  # the same idea again: train.py went back to the baseline after the crash
+    r = ar(repo, "run", "-m", "better", "--budget", "0.5")
+    assert r.returncode == 0 and "verdict:      keep" in r.stdout, r.stdout + r.stderr
+    assert [(x["verdict"], x["seed"]) for x in ledger(repo)] == [("crash", 42), ("keep", 42), ("crash", 42),
+                                                                  ("keep", 42)]
+    assert gate.free_seeds(ledger(repo), ledger(repo)[-1]["content_hash"], 42, 2) == [43, 44]
+
+
 # ---------------------------------------------------------------------------
 # the noise gate
 
@@ -408,6 +426,85 @@ def test_malformed_ledger_is_a_clear_error(repo):
     open(os.path.join(repo, ".autoresearch", "ledger.jsonl"), "a").write("{not json\n")
     r = ar(repo, "status")
     assert r.returncode == 2 and "ledger.jsonl line 2" in r.stderr
+
+
+def test_a_ledger_record_without_a_verdict_is_skipped_with_a_word(repo):
+    baseline(repo)
+    edit(repo, BPB=0.9)
+    assert ar(repo, "run", "-m", "better").returncode == 0
+    odd = {k: v for k, v in ledger(repo)[-1].items() if k != "verdict"}
+    open(os.path.join(repo, ".autoresearch", "ledger.jsonl"), "a").write(json.dumps(odd) + "\n")
+    r = ar(repo, "status")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "no known verdict" in r.stdout and "best:            0.900000" in r.stdout
+    for args in (["plot"], ["rebuild-tsv"]):
+        r = ar(repo, *args)
+        assert r.returncode == 0 and "no known verdict" in r.stdout, r.stderr
+    assert [row[3] for row in results(repo)] == ["status", "keep", "keep"]
+    edit(repo, BPB=0.95)
+    r = ar(repo, "run", "-m", "worse")  # writes results.tsv from the same ledger
+    assert r.returncode == 0 and "verdict:      discard" in r.stdout, r.stderr
+    assert [row[3] for row in results(repo)] == ["status", "keep", "keep", "discard"]
+
+
+@pytest.mark.parametrize("noise", [{BRANCH: {"std": "abc"}}, [1, 2], {BRANCH: "x"}, {BRANCH: {"std": -0.01}},
+                                   {BRANCH: {"std": float("nan")}}, {BRANCH: {"std": 0.01, "tok_per_sec": "fast"}}])
+def test_noise_json_of_the_wrong_shape_is_a_clear_error(repo, noise):
+    from autoresearch import ledger as ledger_module
+
+    baseline(repo)
+    with open(os.path.join(repo, ".autoresearch", "noise.json"), "w") as f:
+        json.dump(noise, f)  # valid JSON (NaN included, as Python writes it)
+    with pytest.raises(ledger_module.LedgerError, match="delete it"):
+        ledger_module.read_noise(repo, BRANCH)
+    head = git(repo, "rev-parse", "HEAD")
+    edit(repo, BPB=0.9)
+    for args in (["status"], ["plot"], ["run", "-m", "x"]):
+        r = ar(repo, *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "noise.json" in r.stderr and "autoresearch noise" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert git(repo, "rev-parse", "HEAD") == head and len(ledger(repo)) == 1
+
+
+def test_plot_into_a_missing_folder(repo):
+    baseline(repo)
+    r = ar(repo, "plot", "-o", "some/missing/folder/p.png")
+    assert r.returncode == 0, r.stderr
+    assert os.path.getsize(os.path.join(repo, "some", "missing", "folder", "p.png")) > 0
+    r = ar(repo, "plot", "-o", "notes.md/p.png")  # a file where the folder should be: one line
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "notes.md" in r.stderr and read(repo, "notes.md") == "my notes\n"
+
+
+@pytest.mark.parametrize("args", [["status"], ["plot"], ["rebuild-tsv"], ["status", "--help"], ["run", "-m", "piped"]])
+def test_output_into_a_closed_pipe_exits_quietly(repo, args):
+    # `autoresearch status | head -1`: the reader is gone before the output is written (deterministic: the read end
+    # is closed before the command starts)
+    baseline(repo)
+    edit(repo, BPB=0.9)
+    if args[0] != "run":
+        git(repo, "commit", "-qam", "edit")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        p = subprocess.run([sys.executable, "-m", "autoresearch", *args], cwd=repo, stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, env=harness_env(), timeout=60)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
+    if args[0] == "run":  # a closed pipe does not cut an experiment short: it is judged and recorded
+        assert p.returncode == 0 and [x["verdict"] for x in ledger(repo)] == ["keep", "keep"]
+        assert [row[3] for row in results(repo)] == ["status", "keep", "keep"]
+
+
+def test_status_piped_into_head(repo):
+    baseline(repo)
+    for i in range(3):
+        edit(repo, BPB=1.1 + i / 100)
+        ar(repo, "run", "-m", "worse " + "x" * 70000)  # long lines: more than a pipe holds
+    p = subprocess.run(f"{shlex.quote(sys.executable)} -m autoresearch status -n 100 | head -1", shell=True, cwd=repo,
+                       capture_output=True, text=True, env=harness_env(), timeout=60)
+    assert p.stdout.startswith("branch:") and p.stderr == "", p.stderr
 
 
 def test_status_counts_and_crash_hint(repo):

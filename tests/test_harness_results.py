@@ -173,7 +173,7 @@ def test_pool_counts_each_seed_once():
             {"kind": "noise", "content_hash": "h", "seed": 43, "verdict": "crash", "val_bpb": None},
             {"kind": "noise", "content_hash": "h", "seed": 44, "verdict": "noise", "val_bpb": 1.1}]
     assert gate.pool(recs, "h") == [1.2, 1.1]
-    assert gate.free_seeds(recs, "h", 42, 3) == [45, 46, 47]
+    assert gate.free_seeds(recs, "h", 42, 3) == [43, 45, 46]  # the crash put nothing in the pool: 43 is free
 
 
 def test_rerun_adds_a_run_to_the_pool(repo):

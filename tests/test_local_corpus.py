@@ -10,7 +10,7 @@ import pytest
 
 import data_cache
 import local_corpus
-from conftest import ROOT, run_prepare, sample_docs, shard_texts
+from conftest import ROOT, copy_cache, run_prepare, sample_docs, shard_texts
 
 
 def make_source_tree(root):
@@ -137,6 +137,28 @@ def test_refuses_to_mix_corpora_unless_forced(tmp_path, prepared_cache):
     result = run_prepare("--source", str(one), "--cache-dir", str(cache))
     assert result.returncode == 1 and "--force" in result.stderr
     assert run_prepare("--source", str(one), "--cache-dir", str(cache), "--force").returncode == 0
+
+
+def cache_files(cache):
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("tiny.txt", b"one short document", "too small"),
+    ("latin1.txt", "caf\xe9 au lait\n\nmore text".encode("latin-1"), "not UTF-8"),
+    ("missing.jsonl", None, "not found"),
+])
+def test_a_failed_force_leaves_the_old_corpus_in_place(tmp_path, prepared_cache, name, content, message):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    before = cache_files(cache)
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    result = run_prepare("--source", str(path), "--cache-dir", str(cache), "--force")
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert cache_files(cache) == before
+    again = run_prepare("--cache-dir", str(cache))  # and the old corpus is still ready to train on
+    assert again.returncode == 0 and "Tokens: up to date" in again.stdout, again.stderr
 
 # --- bad input: a clear error, a non-zero exit, nothing half-written --------------------
 

@@ -233,6 +233,38 @@ def test_evaluate_bpb_refuses_a_split_shorter_than_a_row(tmp_path, prepared_cach
         prepare.evaluate_bpb(UniformModel(), prepare.Tokenizer.from_directory(), 8)
 
 
+def test_a_validation_split_shorter_than_a_row_stops_training_at_start_up(tmp_path, prepared_cache, monkeypatch):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    assert small_validation_split(cache, 1, max_chars=2000) <= prepare.MAX_SEQ_LEN
+    tok = prepare.Tokenizer.from_directory()
+    real_open = open
+
+    def no_validation_tokens(path, *args, **kwargs):  # the check reads the manifest's count, never val.bin
+        assert not os.path.basename(str(path)).startswith("val."), path
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", no_validation_tokens)
+    with pytest.raises(data_cache.PrepareError, match="validation split") as err:
+        prepare.make_dataloader(tok, 2, 128, "train")  # at start-up, before any batch
+    monkeypatch.undo()
+    assert "--force" in str(err.value) and "\n" not in str(err.value)
+    # prepare.py names the same fault, rather than "Done."
+    result = run_prepare("--cache-dir", str(cache))
+    assert result.returncode == 1 and "validation split" in result.stderr and "Done." not in result.stdout
+
+
+def test_prepare_refuses_a_corpus_whose_validation_split_is_shorter_than_a_row(tmp_path):
+    # every 10th document goes to validation: make those tiny, the rest (the sample) trains the tokenizer
+    docs = [f"note {i}." if i % local_corpus.LOCAL_VAL_EVERY == 0 else d for i, d in enumerate(sample_docs())]
+    path = tmp_path / "skewed.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    result = run_prepare("--source", str(path), "--cache-dir", str(tmp_path / "cache"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "validation split" in errors[0] and "bigger corpus" in errors[0], result.stderr
+    assert "--force" in errors[0] and "Done." not in result.stdout
+
+
 class TinyAttention:
     """One attention layer over random embeddings; `leak`: None (causal), "no mask" (attention sees every
     position) or "next token" (position t also reads the token at t + 1)."""
