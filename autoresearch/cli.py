@@ -17,7 +17,9 @@ Experiment harness for autoresearch: one safe command per experiment.
 
 The loop: edit train.py, then `uv run autoresearch run -m "what I tried"`, then read the verdict.
 State lives in .autoresearch/ (ledger.jsonl, noise.json, lock) and results.tsv, run.log, progress.png,
-all git-ignored. Exit codes: 0 done (keep, discard or remeasure), 1 crash, 2 refused (nothing changed), 130/143 interrupted.
+all git-ignored; git keeps a copy of the ledger (refs/autoresearch/ledger) that a lost or edited ledger.jsonl is
+rebuilt from. Exit codes: 0 done (keep, discard or remeasure), 1 crash, 2 refused (nothing changed), 130/143
+interrupted.
 """
 
 RUN_HELP = f"""\
@@ -191,7 +193,8 @@ def build_parser():
 
     sub.add_parser("rebuild-tsv", help="rewrite results.tsv from the ledger", description=(
         "Rewrite results.tsv from .autoresearch/ledger.jsonl (all branches, in run order), e.g. after it was "
-        "damaged. The ledger is never modified."))
+        "damaged. The ledger is never modified (a ledger.jsonl unlike git's copy, refs/autoresearch/ledger, is first "
+        "rebuilt from it, as by every command)."))
 
     p = sub.add_parser("wait", help="print the next verdict(s) of submitted candidates", description=WAIT_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -35,6 +35,9 @@ class Session:
             gitops.check_clean(self.root, allow_train=self.allow_train_changes)
             self.ledger = ledger.read_ledger(self.root)
             ledger.read_results(self.root)  # refuse now rather than append to a damaged file later
+            undone = ledger.undo_unrecorded_head(self.root, self.branch, self.ledger)  # a harness killed mid-run
+            if undone:
+                ledger.warn(undone)
             self.records = gate.branch_records(self.ledger, self.branch)
             self.noise = ledger.read_noise(self.root, self.branch)
         except BaseException:
@@ -269,7 +272,7 @@ def run_experiment(opts):
 
         base = gitops.head(root)
         committed = gitops.train_changed(root) and not j.remeasured  # a remeasurement commits nothing
-        candidate = gitops.commit_train(root, opts.description) if committed else base
+        candidate = gitops.commit_train(root, opts.description, j.exp_id) if committed else base
         what = f"experiment #{j.exp_id} on {s.branch}: commit {short(candidate)} {opts.description!r}"
         if j.remeasured:
             candidate = j.remeasured["commit"]

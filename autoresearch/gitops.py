@@ -19,8 +19,8 @@ FALLBACK_IDENTITY = {"GIT_AUTHOR_NAME": "autoresearch", "GIT_AUTHOR_EMAIL": "aut
                      "GIT_COMMITTER_NAME": "autoresearch", "GIT_COMMITTER_EMAIL": "autoresearch@localhost"}
 
 
-def git(root, *args, check=True, env=None, strip=True):
-    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+def git(root, *args, check=True, env=None, strip=True, input=None):
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, input=input,
                           env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise RuntimeError(f"git {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -139,10 +139,59 @@ def has_identity(root):
     return bool(git(root, "config", "user.email", check=False)) and bool(git(root, "config", "user.name", check=False))
 
 
-def commit_train(root, message):
-    """Commit train.py alone (whatever else is staged stays staged); returns the new HEAD."""
+# Trailers that mark the commits the harness makes, so a branch's own harness commits can be told apart (a branch
+# made from another autoresearch branch carries that branch's in its history, under the other name):
+#   Autoresearch-Branch      the branch it was made for (every harness commit)
+#   Autoresearch-Experiment  a candidate of `autoresearch run`: experiment number N, which gets a record
+#   Autoresearch-Candidate   a candidate of parallel mode (cN), committed on the branch when kept
+#   Autoresearch-Revert      a commit that restores train.py to the kept commit named
+TRAILER_BRANCH, TRAILER_EXPERIMENT = "Autoresearch-Branch", "Autoresearch-Experiment"
+TRAILER_CANDIDATE, TRAILER_REVERT = "Autoresearch-Candidate", "Autoresearch-Revert"
+CANDIDATE_TRAILERS = (TRAILER_EXPERIMENT, TRAILER_CANDIDATE)  # commits that a ledger record of kind "run" names
+
+
+def harness_message(message, branch, **trailers):
+    """A commit message with the harness's trailers (`experiment=5` becomes `Autoresearch-Experiment: 5`)."""
+    lines = [f"{TRAILER_BRANCH}: {branch}"] + [f"Autoresearch-{k.capitalize()}: {v}" for k, v in trailers.items()
+                                               if v is not None]
+    return f"{message.rstrip()}\n\n" + "\n".join(lines) + "\n"
+
+
+def parse_trailers(text):
+    """{key: value} of the Autoresearch-* trailers in `git log --format=%(trailers:only,unfold)` output."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.startswith("Autoresearch-"):
+            out[key] = value.strip()
+    return out
+
+
+def trailers(root, commit="HEAD"):
+    """The Autoresearch-* trailers of one commit (one git call)."""
+    return parse_trailers(git(root, "log", "-1", "--format=%(trailers:only,unfold)", commit, "--", check=False))
+
+
+def harness_commits(root, branch, ref="HEAD"):
+    """[(commit, trailers)] of the commits in ref's history that the harness made for `branch`, newest first
+    (one git call)."""
+    out = git(root, "log", "--fixed-strings", f"--grep={TRAILER_BRANCH}: {branch}",
+              "--format=%H%x1f%(trailers:only,unfold)%x1e", ref, "--", check=False, strip=False)
+    found = []
+    for entry in out.split("\x1e"):
+        commit, _, text = entry.strip().partition("\x1f")
+        t = parse_trailers(text)
+        if commit and t.get(TRAILER_BRANCH) == branch:
+            found.append((commit, t))
+    return found
+
+
+def commit_train(root, message, exp=None):
+    """Commit train.py alone (whatever else is staged stays staged), marked as experiment `exp` of this branch;
+    returns the new HEAD."""
     env = None if has_identity(root) else FALLBACK_IDENTITY
-    git(root, "commit", "--quiet", "--only", "-m", message, "--", TRAIN_FILE, env=env)
+    text = harness_message(message, current_branch(root), experiment=exp)
+    git(root, "commit", "--quiet", "--only", "--cleanup=verbatim", "-F", "-", "--", TRAIN_FILE, env=env, input=text)
     return head(root)
 
 
@@ -170,7 +219,8 @@ def revert_train(root, kept, message):
         return "branch moved back"
     git(root, "checkout", kept, "--", TRAIN_FILE)
     env = None if has_identity(root) else FALLBACK_IDENTITY
-    git(root, "commit", "--quiet", "--only", "-m", message, "--", TRAIN_FILE, env=env)
+    text = harness_message(message, current_branch(root), revert=kept)
+    git(root, "commit", "--quiet", "--only", "--cleanup=verbatim", "-F", "-", "--", TRAIN_FILE, env=env, input=text)
     return "restore commit"
 
 
@@ -208,10 +258,60 @@ def commit_blob_on(root, parent, blob, message):
     return git(root, "commit-tree", tree, "-p", parent, "-m", message, env=env)
 
 
-def update_ref(root, ref, new, old=None):
-    """Move a ref, only if it still points at `old` (compare and swap). Returns False if it moved meanwhile."""
-    args = ["update-ref", "-m", "autoresearch", ref, new] + ([old] if old else [])
-    return subprocess.run(["git", *args], cwd=root, capture_output=True).returncode == 0
+def update_ref(root, ref, new, old=None, reflog=False):
+    """Move a ref, only if it still points at `old` (compare and swap; NO_COMMIT: only if it does not exist yet).
+    Returns False if it moved meanwhile. `reflog`: keep a reflog for it, so an older value can be found again."""
+    args = ["update-ref", "-m", "autoresearch"] + (["--create-reflog"] if reflog else []) + [ref, new]
+    return subprocess.run(["git", *args + ([old] if old else [])], cwd=root, capture_output=True).returncode == 0
+
+
+# ---------------------------------------------------------------------------
+# git's copy of the ledger: refs/autoresearch/ledger, one commit per record (the record's JSON line is the commit
+# message, the tree is empty), oldest first along the first parents. In .git, out of the working tree.
+
+LEDGER_REF = "refs/autoresearch/ledger"
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+NO_COMMIT = "0" * 40
+
+
+def is_repository(root):
+    return subprocess.run(["git", "rev-parse", "--git-dir"], cwd=root, capture_output=True).returncode == 0
+
+
+def ledger_lines(root):
+    """Every record line in git's copy, oldest first: [] if there is none yet, None outside a git repository."""
+    proc = subprocess.run(["git", "log", "--first-parent", "--reverse", "--format=%B%x1e", LEDGER_REF, "--"],
+                          cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if not is_repository(root):
+            return None
+        if rev(root, LEDGER_REF) is None:
+            return []
+        raise RuntimeError(f"git log {LEDGER_REF} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return [part.strip() for part in proc.stdout.split("\x1e") if part.strip()]
+
+
+def ledger_tip(root):
+    """(tip commit, its record line) of git's copy: (None, None) if there is none yet, None outside a repository."""
+    out = git(root, "log", "-1", "--format=%H%x00%B", LEDGER_REF, "--", check=False)
+    if not out:
+        if not is_repository(root):
+            return None
+        if rev(root, LEDGER_REF) is not None:
+            raise RuntimeError(f"cannot read {LEDGER_REF}")
+        return None, None
+    tip, _, line = out.partition("\0")
+    return tip, line.strip()
+
+
+def ledger_append(root, lines, tip):
+    """Add record lines to git's copy on top of `tip` (None: the first ones): one commit each, then one compare-and-
+    swap of the ref. Returns the new tip, or None if the ref moved meanwhile (nothing changed then)."""
+    new = tip
+    for line in lines:
+        new = git(root, "commit-tree", "--no-gpg-sign", EMPTY_TREE, *(["-p", new] if new else []), "-F", "-",
+                  env=FALLBACK_IDENTITY, input=line.rstrip("\n") + "\n")
+    return new if update_ref(root, LEDGER_REF, new, tip or NO_COMMIT, reflog=True) else None
 
 
 def rev(root, ref):

@@ -66,8 +66,9 @@ def submit(opts, address=None, workers=None, idle=None):
         opts.seed = j.seeds(n=1)[0]
         tip = gitops.head(root)
         blob = gitops.write_train_blob(root)
-        commit = tip if blob == gitops.blob_at(root, tip) else gitops.commit_blob_on(root, tip, blob, opts.description)
         cid = f"c{len(q.candidates) + 1}"
+        commit = tip if blob == gitops.blob_at(root, tip) else gitops.commit_blob_on(
+            root, tip, blob, gitops.harness_message(opts.description, branch, candidate=cid))
         gitops.update_ref(root, CANDIDATE_REF + cid, commit)
         append_event(root, "submit", id=cid, branch=branch, commit=commit, base=tip, content_hash=chash,
                      description=opts.description, seed=opts.seed, budget=opts.budget, timeout=opts.timeout,

@@ -219,8 +219,9 @@ class Coordinator:
             elif gitops.blob_at(root, tip) == blob:
                 return tip, "branch already has this train.py"
             else:
-                msg = (f"{c['description']}\n\nautoresearch candidate {c['id']}, submitted on {short(c['base'])}: "
-                       f"its train.py replaces the one of {short(tip)} (not a merge)")
+                msg = gitops.harness_message(
+                    f"{c['description']}\n\nautoresearch candidate {c['id']}, submitted on {short(c['base'])}: "
+                    f"its train.py replaces the one of {short(tip)} (not a merge)", c["branch"], candidate=c["id"])
                 new = gitops.commit_blob_on(root, tip, blob, msg)
                 how = f"committed on top of the newer best {short(tip)} (its train.py replaced)"
             if new == tip or gitops.update_ref(root, ref, new, tip):

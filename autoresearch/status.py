@@ -127,6 +127,11 @@ def render(root, branch, n_last=LAST_RUNS):
                    "drop it and try something different; train.py is back at the kept commit.")
     if gitops.head(root) and gitops.train_changed(root):
         out.append("train.py:        modified, not yet run")
+    unrecorded = ledger.unrecorded_head(root, branch, records) if branch == gitops.current_branch(root) else None
+    if unrecorded:
+        out.append(f"warning:         HEAD is the candidate commit of {ledger.candidate_name(unrecorded)}, never "
+                   "recorded (the harness was killed during its run): the next `autoresearch run` undoes it and "
+                   "leaves its train.py to run again")
     out += parallel_lines(root)
     from autoresearch import agent
     out += agent.status_lines(root)

@@ -421,11 +421,18 @@ def test_malformed_results_tsv_is_refused_not_damaged(repo):
     assert [row[3] for row in results(repo)] == ["status", "keep"]
 
 
-def test_malformed_ledger_is_a_clear_error(repo):
+def test_malformed_ledger_is_rebuilt_from_git_or_refused_without_it(repo):
     baseline(repo)
-    open(os.path.join(repo, ".autoresearch", "ledger.jsonl"), "a").write("{not json\n")
+    path = os.path.join(repo, ".autoresearch", "ledger.jsonl")
+    good = open(path).read()
+    open(path, "a").write("{not json\n")
+    r = ar(repo, "status")  # git holds every record: the file is rebuilt from it
+    assert r.returncode == 0 and "ledger.jsonl line 2 is not valid JSON" in r.stderr and "git wins" in r.stderr
+    assert open(path).read() == good
+    git(repo, "update-ref", "-d", "refs/autoresearch/ledger")  # no copy in git: refused, nothing changed
+    open(path, "a").write("{not json\n")
     r = ar(repo, "status")
-    assert r.returncode == 2 and "ledger.jsonl line 2" in r.stderr
+    assert r.returncode == 2 and "ledger.jsonl line 2 is not valid JSON" in r.stderr and "no copy" in r.stderr
 
 
 def test_a_ledger_record_without_a_verdict_is_skipped_with_a_word(repo):
