@@ -5,7 +5,7 @@ process that judges candidates and writes the ledger, results.tsv and the branch
 One Ray actor per GPU of the cluster (or --workers CPU workers). A worker unpacks the candidate's commit
 (`git archive`, sent with the job, so workers on other machines need no clone of the branch) into its own
 scratch directory and runs train.py there with the same runner as `autoresearch run`: budget, hard timeout,
-process-group kill, summary parsing. Ray sets CUDA_VISIBLE_DEVICES to the worker's GPU.
+process-group kill, sandbox, the harness's clock and the evaluation. Ray sets CUDA_VISIBLE_DEVICES to the worker's GPU.
 
 Verdicts are given in the order results arrive, each against the best kept result at that moment. A kept
 candidate moves its branch: to the candidate commit if the branch is still where it was submitted, otherwise
@@ -55,7 +55,8 @@ class Worker:
             tar.extractall(self.dir)
         with open(os.devnull, "w") as quiet:
             result = runner.run_train(self.dir, job["seed"], job["budget"], job["timeout"], stop=lambda: None,
-                                      stream=quiet, die_with_parent=True)
+                                      stream=quiet, die_with_parent=True, tree=self.dir,
+                                      startup_reference=job.get("startup_reference"))
         with open(os.path.join(self.dir, runner.LOG_FILE), "rb") as f:
             f.seek(max(0, os.path.getsize(f.name) - LOG_KEEP))
             log = f.read().decode(errors="replace")

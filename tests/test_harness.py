@@ -47,6 +47,13 @@ def ar_start(repo, *args, env=None):
                             stderr=subprocess.STDOUT, text=True, env=harness_env(**(env or {})))
 
 
+def add_fixture_files(path):
+    """The stand-in train.py, and scoring.py: the real protocol with a stand-in evaluation."""
+    shutil.copy(FIXTURE, os.path.join(path, "train.py"))
+    shutil.copy(FIXTURE_SCORING, os.path.join(path, "scoring.py"))
+    shutil.copy(os.path.join(ROOT, "scoring.py"), os.path.join(path, "scoring_protocol.py"))
+
+
 @pytest.fixture
 def repo(tmp_path):
     path = tmp_path / "repo"
@@ -54,9 +61,7 @@ def repo(tmp_path):
     git(path, "init", "-q", "-b", "main")
     git(path, "config", "user.email", "test@example.com")
     git(path, "config", "user.name", "test")
-    shutil.copy(FIXTURE, path / "train.py")
-    shutil.copy(FIXTURE_SCORING, path / "scoring.py")  # the real protocol, a stand-in evaluation
-    shutil.copy(os.path.join(ROOT, "scoring.py"), path / "scoring_protocol.py")
+    add_fixture_files(path)
     (path / ".gitignore").write_text("results.tsv\nrun.log\nprogress.png\n.autoresearch/\n")
     (path / "notes.md").write_text("my notes\n")
     git(path, "add", ".")

@@ -8,13 +8,13 @@ like test_harness.py; the branch with a history is made once and copied for each
 import json
 import os
 import shutil
-import signal
 import time
 
 import pytest
 
 from autoresearch import gitops, ledger as ledger_mod
-from test_harness import BRANCH, ar, ar_start, edit, git, ledger, process_gone, read, repo, results  # noqa: F401
+from test_harness import (BRANCH, add_fixture_files, ar, ar_start, edit, git, ledger, no_orphans, read, repo,  # noqa: F401
+                          results)
 
 REF = "refs/autoresearch/ledger"
 
@@ -28,8 +28,8 @@ def made(tmp_path_factory):
     git(repo, "init", "-q", "-b", "main")
     git(repo, "config", "user.email", "test@example.com")
     git(repo, "config", "user.name", "test")
-    shutil.copy(os.path.join(os.path.dirname(__file__), "fixtures", "train.py"), path / "train.py")
-    (path / ".gitignore").write_text("results.tsv\nrun.log\nprogress.png\n.autoresearch/\nfixture_child.pid\n")
+    add_fixture_files(path)
+    (path / ".gitignore").write_text("results.tsv\nrun.log\nprogress.png\n.autoresearch/\n")
     git(repo, "add", ".")
     git(repo, "commit", "-q", "-m", "initial")
     git(repo, "checkout", "-q", "-b", BRANCH)
@@ -301,15 +301,10 @@ def test_harness_killed_during_its_run(branch):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not (os.path.exists(log) and "hanging" in open(log).read()):
         time.sleep(0.05)
-    holder = json.load(open(os.path.join(branch, ".autoresearch", "lock")))
     proc.kill()  # SIGKILL: no bookkeeping at all
     proc.wait()
-    os.killpg(holder["child_pid"], signal.SIGKILL)  # train.py (its own process group), which holds the lock too
-    child = int(read(branch, "fixture_child.pid"))
-    os.kill(child, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not (process_gone(holder["child_pid"]) and process_gone(child)):
-        time.sleep(0.05)
+    # train.py and what it started die with the harness (bubblewrap's --die-with-parent, its own PID namespace)
+    assert no_orphans(wait=10), "train.py's processes outlived the killed harness"
     assert git(branch, "log", "-1", "--format=%s") == "killed with -9" and len(ledger(branch)) == 5
     edit(branch, MODE="good")
     r = ar(branch, "run", "-m", "after the kill")
