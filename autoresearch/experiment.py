@@ -14,7 +14,7 @@ import os
 import statistics
 import time
 
-from autoresearch import gate, gitops, ledger, runner
+from autoresearch import gate, gitops, ledger, runner, sandbox
 from autoresearch.common import (EXIT_CRASH, EXIT_OK, EXIT_SIGNAL, Refusal, StopSignals, now_iso, say,
                                  short)
 from autoresearch.lock import RepoLock
@@ -286,6 +286,9 @@ def run_experiment(opts):
             + (f", bar {gate.bar(j.margin, 1, j.n_best):.4f} for 1 run vs the best's {j.n_best}"
                if j.best_rec and j.n_best != 1 else "")
             + f", timeout {opts.hard_timeout():.0f} s, log in {runner.LOG_FILE}")
+        walled, how = sandbox.check()
+        if not walled:
+            say(f"  warning: train.py runs without walls ({how})")
 
         with StopSignals() as stop:
             started = now_iso()

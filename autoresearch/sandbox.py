@@ -50,14 +50,19 @@ def _bind_dir(args, flag, path):
         args += [flag, path, path]
 
 
-def command(argv, tree, scratch, cache, writable=(), hidden=(), readable=()):
+def command(argv, tree, scratch, cache, writable=(), hidden=(), readable=(), masked=()):
     """bwrap's command line that runs `argv` in `tree` (bound read-only) with `scratch` and `writable` folders
-    writable, the data `cache` read-only with each of `hidden` reading as an empty file, and `readable` paths
-    (the Python environment) read-only. Paths are absolute; each keeps its place inside."""
-    args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--proc", "/proc", "--dev", "/dev",
-            "--tmpfs", "/tmp"]
+    writable (a folder, or a (folder, place inside) pair), the data `cache` read-only with each of `hidden` reading
+    as an empty file, `readable` paths (the Python environment) read-only and `masked` folders (the project, where
+    it lies under a system folder) empty. Paths are absolute; each keeps its place inside unless paired."""
+    # --cap-drop ALL: started by root, bwrap would leave train.py the capabilities to unmount what hides the
+    # validation split or remount the cache writable
+    args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--proc", "/proc",
+            "--dev", "/dev", "--tmpfs", "/tmp"]
     for path in SYSTEM_DIRS:
         _bind_dir(args, "--ro-bind", path)
+    for path in masked:
+        args += ["--tmpfs", path]
     for pattern in GPU_DEVICES:
         for path in sorted(glob.glob(pattern)):
             args += ["--dev-bind", path, path]
@@ -71,8 +76,9 @@ def command(argv, tree, scratch, cache, writable=(), hidden=(), readable=()):
         if os.path.exists(path):
             args += ["--ro-bind", "/dev/null", path]
     for path in [scratch, *writable]:
-        os.makedirs(path, exist_ok=True)
-        args += ["--bind", path, path]
+        source, place = path if isinstance(path, tuple) else (path, path)
+        os.makedirs(source, exist_ok=True)
+        args += ["--bind", source, place]
     return args + ["--chdir", tree, "--", *argv]
 
 

@@ -48,10 +48,11 @@ def ar_start(repo, *args, env=None):
 
 
 def add_fixture_files(path):
-    """The stand-in train.py, and scoring.py: the real protocol with a stand-in evaluation."""
+    """The stand-in train.py, and scoring.py: the real protocol with a stand-in evaluation appended."""
     shutil.copy(FIXTURE, os.path.join(path, "train.py"))
-    shutil.copy(FIXTURE_SCORING, os.path.join(path, "scoring.py"))
-    shutil.copy(os.path.join(ROOT, "scoring.py"), os.path.join(path, "scoring_protocol.py"))
+    real = open(os.path.join(ROOT, "scoring.py")).read()
+    with open(os.path.join(path, "scoring.py"), "w") as f:
+        f.write(real[:real.rindex('if __name__ == "__main__":')] + open(FIXTURE_SCORING).read())
 
 
 @pytest.fixture
@@ -203,6 +204,7 @@ def test_keep_discard_and_revert(repo):
 
 
 @pytest.mark.parametrize("mode,reason", [("crash", "exit code 1"), ("nan", "exit code 1"),
+                                         ("segv", "killed by signal 11 (SIGSEGV): most often out of memory"),
                                          ("nosummary", "without handing over its model")])
 def test_crash_reverts(repo, mode, reason):
     base = baseline(repo)
