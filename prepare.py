@@ -52,7 +52,7 @@ from data_cache import (DEFAULT_CACHE_DIR, VAL_SHARD, PrepareError, cache_dir, c
                         discard_unclaimed_shards, list_shards, prepare_command, shard_path, tokenizer_dir,
                         tokens_dir, write_atomic)
 from local_corpus import import_local_corpus
-from token_shards import TOKEN_DTYPE, check_token_shards, open_token_split, tokenize_corpus
+from token_shards import TOKEN_DTYPE, check_token_shards, open_token_split, tokenize_corpus, walled_off
 
 # ---------------------------------------------------------------------------
 # Constants (fixed: the metric depends on them)
@@ -553,7 +553,10 @@ def make_dataloader(tokenizer, B, T, split, seed=SEED, buffer_size=1000):
     assert split in ("train", "val"), split
     # a split evaluate_bpb can't score stops the run now; a training run under the harness cannot read the
     # validation split at all (scoring.py), only its size in the manifest
-    manifest = check_token_shards(splits=(split,), min_val_tokens=MAX_SEQ_LEN + 1)
+    manifest = check_token_shards(min_val_tokens=MAX_SEQ_LEN + 1)
+    if walled_off(split):
+        raise PrepareError(f"the {split} split in {tokens_dir()} is walled off here: under the harness a training run "
+                           "cannot read the validation split; only the harness's evaluation (scoring.py) does")
     if tokenizer.get_bos_token_id() != manifest["bos"]:
         raise PrepareError(f"this tokenizer's BOS id differs from the token shards' in {tokens_dir()}. "
                            f"Run: {prepare_command()}")

@@ -114,10 +114,11 @@ class Judgement:
         self.kept_commit = kept[-1]["commit"] if kept else None
         self.baseline_rec = kept[0] if kept else None
         self.margin, self.margin_how = gate.margin(noise, opts.margin)
+        # the clock's start-up allowance: the baseline's, not the best's (a kept run must not raise the next one's)
+        self.startup_reference = (self.baseline_rec or {}).get("startup_seconds")
         self.exp_id = len(gate.experiments(records)) + 1
         self.n_best = len(gate.pool(records, self.best_rec["content_hash"])) if self.best_rec else 0
         self.reference = (self.best_rec or {}).get("settings")
-        self.startup_reference = (self.best_rec or {}).get("startup_seconds")  # the clock's start-up allowance
         self.prior = gate.pool(records, content_hash)  # --rerun: earlier runs of this train.py join its pool
         # --rerun of a kept train.py: a measurement of that commit, not an idea (no verdict on git, no count)
         self.remeasured, self.kept_before = gate.kept_with(records, content_hash, in_history)

@@ -45,8 +45,8 @@ MAX_UNTIMED_STEPS = 2           # prepare.UNTIMED_STEPS: steps before the clock 
 STARTUP_ALLOWANCE = 15.0
 KERNEL_CREDIT = {"cuda": 5.0, "other": 1.0}  # seconds a kernel compiles in: NVRTC on an H100, a C++ compiler on CPU
 KERNEL_SUFFIXES = (".so", ".ptx", ".cubin")
-GRACE_STEPS, GRACE_SECONDS, EXPORT_BYTES_PER_SECOND = 3, 2.0, 1e9
-GRACE_CAP_SECONDS, GRACE_CAP_FRACTION = 10.0, 0.03  # the steps' share of the grace: at most max(10 s, 3 % of budget)
+GRACE_STEPS, GRACE_SECONDS, EXPORT_BYTES_PER_SECOND = 2, 2.0, 1e9
+GRACE_CAP_SECONDS, GRACE_CAP_FRACTION = 10.0, 0.05  # the steps' share of the grace: at most max(10 s, 5 % of budget)
 MAX_MODEL_BYTES = 4 << 30       # a model handed over may be this big (1 G float32 parameters)
 MAX_STEP_EVENTS = 200_000       # a flood beyond it is ignored
 MAX_EVENT_BYTES = 1 << 16
@@ -347,8 +347,9 @@ def judge_clock(channel, budget, exit_seconds, new_kernels, model_bytes, startup
                 "before the clock is not allowed; start the clock before the first training step")
     timed = [t for t, *_ in channel.steps if t > channel.clock]
     gaps = [b - a for a, b in zip([channel.clock] + timed, timed)]
-    step = statistics.median(gaps) if len(gaps) >= 3 else 0.0
-    # the steps' share is capped: steps reported far apart must not stretch the budget
+    step = statistics.median(gaps) if gaps else 0.0
+    # the loop stops once its clock passes the budget, with a step in flight: about one step more, two at most.
+    # The steps' share is capped: steps reported far apart must not stretch the budget
     limit = (budget + min(GRACE_STEPS * step, max(GRACE_CAP_SECONDS, GRACE_CAP_FRACTION * budget)) + GRACE_SECONDS
              + model_bytes / EXPORT_BYTES_PER_SECOND)
     if done - channel.clock > limit:

@@ -5,6 +5,7 @@ bad setting gets as far as a commit. Against the fixture train.py, like test_har
 """
 
 import json
+import math
 import os
 import re
 import statistics
@@ -450,13 +451,18 @@ def test_the_clock_rules():
 
     honest = Channel(3.0, [1.0, 2.0] + [3.0 + 0.5 * k for k in range(1, 21)], 13.4)
     assert runner.judge_clock(honest, 10, 14, 0, 0) is None
+    slow = Channel(3.0, [1.0, 2.0, 9.0, 15.0], 19.0)  # 6-second steps (a loaded CPU): one step and more past it
+    assert runner.judge_clock(slow, 10, 20, 0, 0) is None
     late = Channel(40.0, [1.0, 2.0, 41.0, 42.0, 43.0], 50.0)  # 37 s of work before the clock
     assert "before its training clock started" in runner.judge_clock(late, 10, 51, 0, 0)
-    assert runner.judge_clock(late, 10, 51, 6, 0) is None  # 6 kernels compiled: 30 s more allowed
-    assert runner.judge_clock(late, 10, 51, 0, 0, startup_reference=25.0) is None  # the best kept run took 25 s
+    credit = runner.KERNEL_CREDIT["cuda" if runner.hardware().get("gpu") else "other"]
+    assert runner.judge_clock(late, 10, 51, math.ceil(30 / credit), 0) is None  # kernels compiled: their time
+    assert runner.judge_clock(late, 10, 51, 0, 0, startup_reference=25.0) is None  # the baseline took 25 s
     long = Channel(3.0, [1.0, 2.0] + [3.0 + 0.5 * k for k in range(1, 41)], 23.5)  # twice the budget
     assert "past the 10 s budget" in runner.judge_clock(long, 10, 24, 0, 0)
-    assert runner.judge_clock(long, 10, 24, 0, 10 * runner.EXPORT_BYTES_PER_SECOND) is None  # a 10 s export
+    assert runner.judge_clock(long, 10, 24, 0, 11 * runner.EXPORT_BYTES_PER_SECOND) is None  # an 11 GB export
+    sparse = Channel(3.0, [1.0, 2.0, 16.0, 29.0, 42.0], 43.0)  # three reports 13 s apart: the steps' grace is capped
+    assert "past the 10 s budget" in runner.judge_clock(sparse, 10, 44, 0, 0)
     early = Channel(3.0, [0.5, 1.0, 1.5, 2.0] + [3.5], 4.0)
     assert "trained 4 steps before its clock" in runner.judge_clock(early, 10, 5, 0, 0)
     none = Channel(None, [1.0], 4.0)
