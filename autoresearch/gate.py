@@ -30,7 +30,9 @@ OK_VERDICTS = ("keep", "discard", "noise", "remeasure")  # runs whose val_bpb is
 RUN_VERDICTS = ("keep", "discard", "crash", "interrupted", "remeasure")  # what an experiment record can say
 # what must be equal for two runs to be compared: eval_request is AUTORESEARCH_EVAL_TOKENS as set (or "default"),
 # known before a run; eval_tokens what the run says it evaluated
-SETTINGS = ("budget", "corpus", "eval_request", "eval_tokens", "device", "fixed_files", "untimed_steps")
+# untimed steps are not compared: the harness's clock bounds work before it (runner.judge_clock), and fewer
+# untimed steps only move compilation into the budget
+SETTINGS = ("budget", "corpus", "eval_request", "eval_tokens", "device", "fixed_files")
 
 
 def branch_records(ledger, branch):
