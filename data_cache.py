@@ -117,13 +117,6 @@ def discard_unclaimed_shards():
         print(f"Data: removed {len(leftovers)} shard(s) left in {data_dir()} by an unfinished download")
 
 
-def clear_cache():
-    """Remove the corpus and its tokenizer (--force). Shards staged for the corpus that replaces them stay."""
-    for path in glob.glob(os.path.join(data_dir(), "*")) + glob.glob(os.path.join(tokenizer_dir(), "*")):
-        if not path.endswith(".staged"):
-            os.remove(path)
-
-
 def list_shards(split):
     """Sorted shard paths of a split; a clear error if prepare.py has not run."""
     paths = sorted(glob.glob(os.path.join(data_dir(), "shard_*.parquet")))

@@ -16,8 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_cache import (PrepareError, VAL_SHARD, check_parquet, claim_data_source, clear_cache, data_dir, shard_path,
-                        write_atomic)
+from data_cache import PrepareError, VAL_SHARD, check_parquet, claim_data_source, data_dir, shard_path, write_atomic
 
 SAMPLE_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample.jsonl.gz")
 LOCAL_VAL_EVERY = 10                  # every 10th document is held out for validation...
@@ -150,10 +149,10 @@ def _write_shard(path, docs):
     write_atomic(path, lambda tmp: pq.write_table(pa.table({"text": docs}), tmp, row_group_size=1024))
 
 
-def import_local_corpus(source, replace=False):
+def import_local_corpus(source):
     """Split a local corpus into training shards and a held-out validation shard (every
-    LOCAL_VAL_EVERY-th document, up to LOCAL_VAL_MAX_CHARS): deterministic for a given corpus. With `replace`
-    (--force), the corpus already in the cache is removed only once this one has been read cleanly."""
+    LOCAL_VAL_EVERY-th document, up to LOCAL_VAL_MAX_CHARS): deterministic for a given corpus. An unreadable or
+    too small corpus leaves no shard behind. (--force imports into an empty staging cache: prepare.py.)"""
     path = SAMPLE_CORPUS if source == "sample" else os.path.abspath(os.path.expanduser(source))
     digest = hashlib.sha256()
     train, val, val_chars, shard_chars, shard_index, n_docs = [], [], 0, 0, 0, 0
@@ -182,8 +181,6 @@ def import_local_corpus(source, replace=False):
             left_out = "".join(f", {len(paths)} {reason}" for reason, paths in sorted(skipped.items()))
             raise PrepareError(f"corpus {path} is too small: {n_docs} non-empty document(s){left_out and ' (skipped' + left_out[1:] + ')'}; "
                                "need at least 2 (one for training, one for validation), and in practice a few MB of text")
-        if replace:
-            clear_cache()  # not before: an unreadable or too small corpus must not cost the one in the cache
         claim_data_source({"source": "local", "sha256": digest.hexdigest()})  # content, not path: caches can move
         _write_shard(shard_path(VAL_SHARD), val)
         for index, _ in staged:

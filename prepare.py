@@ -12,6 +12,7 @@ Usage:
     uv run prepare.py --num-shards 8      # fewer training shards (the validation shard is pinned)
     uv run prepare.py --source sample     # the bundled public-domain corpus, no internet needed
     uv run prepare.py --source PATH       # your own .txt / .jsonl / .parquet file, or a folder (source trees too)
+    uv run prepare.py --source PATH --force  # replace the cache's corpus: built beside it, swapped in once ready
     uv run prepare.py --cache-dir DIR     # where everything lives (or AUTORESEARCH_CACHE)
 
 Everything lives in the cache directory (default ~/.cache/autoresearch); docs/data.md has the details:
@@ -48,7 +49,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from data_cache import (DEFAULT_CACHE_DIR, VAL_SHARD, PrepareError, cache_dir, check_data_source, check_parquet,
-                        claim_data_source, clear_cache, data_dir, data_source, describe_write_error,
+                        claim_data_source, data_dir, data_source, describe_write_error,
                         discard_unclaimed_shards, list_shards, prepare_command, shard_path, tokenizer_dir,
                         tokens_dir, write_atomic)
 from local_corpus import import_local_corpus
@@ -393,8 +394,8 @@ def train_tokenizer():
     ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
     if len(ranks) != VOCAB_SIZE - len(SPECIAL_TOKENS):
         raise PrepareError(f"the corpus is too small for a {VOCAB_SIZE}-token vocabulary: BPE ran out of merges "
-                           f"at {len(ranks)} tokens. Use more text: the cache now holds this corpus, so prepare "
-                           f"the bigger one with --force (or into another --cache-dir).")
+                           f"at {len(ranks)} tokens. Use more text: prepare a bigger corpus with --force (or into "
+                           "another --cache-dir).")
     by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
     token_bytes = np.array([len(t) for t, _ in by_rank] + [0] * len(SPECIAL_TOKENS), dtype=np.int32)
     meta = {"vocab_size": VOCAB_SIZE, "pattern": bpe.get_pattern(), "special_tokens": SPECIAL_TOKENS, "source": source}
@@ -719,6 +720,60 @@ def _holds_local_corpus():
         return False
 
 
+KERNEL_CACHES = ("mlx-kernels", "eval-kernels")  # compiled kernels (training's, evaluation's): not the corpus's
+
+
+def replace_cache(build):
+    """--force: run build(), every step of preparation, in a staging folder beside the cache (<cache>.new-<pid>,
+    on the same file system) and swap it in only once all of them succeeded. A new corpus that fails at any step
+    (unreadable, too small for the tokenizer or for one validation row, a failed download, Ctrl-C) leaves the
+    cache as it was, and the staging folder is removed. The swap renames the old cache aside and the new one into
+    place, moves the compiled kernel caches over, then deletes the old cache with anything else left in it."""
+    cache = cache_dir()
+    staging, aside = f"{cache}.new-{os.getpid()}", f"{cache}.old-{os.getpid()}"
+    os.makedirs(cache, exist_ok=True)  # a --cache-dir that is a file is found now, not after the whole build
+    if os.path.ismount(cache):  # a mount point can't be renamed: found before the build, not after
+        raise PrepareError(f"--force builds the new corpus beside {cache} and swaps the two folders, but {cache} is a "
+                           "mount point: use a folder inside it as --cache-dir, or empty it and prepare without --force")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed process that had this pid
+    try:
+        os.environ["AUTORESEARCH_CACHE"] = staging  # every module finds the cache through it (data_cache.cache_dir)
+        try:
+            build()
+        finally:
+            os.environ["AUTORESEARCH_CACHE"] = cache
+        os.rename(cache, aside)
+        os.rename(staging, cache)
+    except BaseException as e:
+        if os.path.isdir(aside) and not os.path.exists(cache):
+            os.rename(aside, cache)  # stopped between the two renames: the old cache goes back
+        shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(e, (PrepareError, OSError)):
+            raise  # Ctrl-C: cleaned up, passed on as it is
+        problem = str(e).replace(staging, cache) if isinstance(e, PrepareError) else describe_write_error(e, staging)
+        raise PrepareError(f"{problem.rstrip('.')}. The cache {cache} is left as it was.") from None
+    for name in KERNEL_CACHES:
+        if os.path.isdir(os.path.join(aside, name)):
+            os.rename(os.path.join(aside, name), os.path.join(cache, name))
+    shutil.rmtree(aside)  # the old corpus, and whatever else was in its folder
+    print(f"Cache: the new corpus replaced the old one in {cache}")
+
+
+def prepare_corpus(args):
+    """Data, tokenizer and token shards in the cache, each step skipped when its output is already there for
+    this corpus; every check a run needs is made before this returns."""
+    if args.source:
+        discard_unclaimed_shards()
+        import_local_corpus(args.source)
+    elif _holds_local_corpus():
+        print(f"Data: the local corpus already in {data_dir()} (--source replaces it)")
+    else:
+        download_data(MAX_SHARD if args.num_shards == -1 else args.num_shards, workers=args.download_workers)
+    train_tokenizer()
+    tokenize_corpus(Tokenizer.from_directory, args.tokenize_workers)
+    check_token_shards(min_val_tokens=MAX_SEQ_LEN + 1)  # a cache no run could score is not finished
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data and tokenizer for autoresearch-mlx")
     parser.add_argument("--num-shards", type=int, default=10, help="climbmix training shards to download (-1: all); the validation shard is always added")
@@ -736,18 +791,10 @@ def main(argv=None):
         parser.error("--tokenize-workers must be at least 1")
     print(f"Cache directory: {cache_dir()}")
     try:
-        if args.force and not args.source:
-            clear_cache()
-        if args.source:
-            discard_unclaimed_shards()
-            import_local_corpus(args.source, replace=args.force)  # clears the cache once the new corpus read cleanly
-        elif _holds_local_corpus():
-            print(f"Data: the local corpus already in {data_dir()} (--source replaces it)")
+        if args.force:
+            replace_cache(lambda: prepare_corpus(args))
         else:
-            download_data(MAX_SHARD if args.num_shards == -1 else args.num_shards, workers=args.download_workers)
-        train_tokenizer()
-        tokenize_corpus(Tokenizer.from_directory, args.tokenize_workers)
-        check_token_shards(min_val_tokens=MAX_SEQ_LEN + 1)  # a cache no run could score is not finished
+            prepare_corpus(args)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

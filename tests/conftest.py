@@ -33,6 +33,11 @@ def copy_cache(src, dst):
     return dst
 
 
+def cache_files(cache):
+    """Every file under a cache folder (a pathlib.Path), by relative path, with its bytes."""
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="session")
 def prepared_cache(tmp_path_factory):
     """A cache with the bundled sample corpus and its trained tokenizer, made once per test session

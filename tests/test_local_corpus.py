@@ -10,7 +10,7 @@ import pytest
 
 import data_cache
 import local_corpus
-from conftest import ROOT, copy_cache, run_prepare, sample_docs, shard_texts
+from conftest import ROOT, cache_files, copy_cache, run_prepare, sample_docs, shard_texts
 
 
 def make_source_tree(root):
@@ -137,10 +137,6 @@ def test_refuses_to_mix_corpora_unless_forced(tmp_path, prepared_cache):
     result = run_prepare("--source", str(one), "--cache-dir", str(cache))
     assert result.returncode == 1 and "--force" in result.stderr
     assert run_prepare("--source", str(one), "--cache-dir", str(cache), "--force").returncode == 0
-
-
-def cache_files(cache):
-    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("name,content,message", [

@@ -19,7 +19,7 @@ import data_cache
 import local_corpus
 import prepare
 import token_shards
-from conftest import ROOT, copy_cache, run_prepare, sample_docs, shard_texts
+from conftest import ROOT, cache_files, copy_cache, run_prepare, sample_docs, shard_texts
 
 
 # --- tokenizer ----------------------------------------------------------------
@@ -319,6 +319,126 @@ def test_ready_message_names_the_cache(tmp_path):
     # the printed command is what a shell runs: its AUTORESEARCH_CACHE points at this cache
     env = subprocess.run(["sh", "-c", command.replace("uv run train.py", "env")], capture_output=True, text=True)
     assert f"AUTORESEARCH_CACHE={cache}\n" in env.stdout
+
+
+# --- --force: the new corpus is built beside the cache and swapped in only once every step succeeded -----------
+
+
+def beside(cache):
+    """What --force may leave next to the cache: its staging folder (<cache>.new-PID) or the old cache (.old-PID)."""
+    return sorted(name for name in os.listdir(cache.parent) if name.startswith(cache.name + "."))
+
+
+def plant_kernels(cache):
+    """Compiled kernel caches (training's and the harness's evaluation's), and a folder prepare.py doesn't know."""
+    planted = {"mlx-kernels/0.0/gpu/k.ptx": b"training kernel", "eval-kernels/0.0/gpu/k.ptx": b"evaluation kernel",
+               "notes/mine.txt": b"not the corpus's, not a kernel"}
+    for rel, content in planted.items():
+        (cache / rel).parent.mkdir(parents=True, exist_ok=True)
+        (cache / rel).write_bytes(content)
+    return planted
+
+
+def too_small_for_the_tokenizer(path):
+    # 300 short, distinct documents: the import takes them, but BPE runs out of merges long before 8192 tokens
+    path.write_text("\n\n".join(f"note {i}: the cat sat on mat number {i}." for i in range(300)))
+
+
+def validation_shorter_than_a_row(path):
+    # every 10th document goes to validation: tiny ones; the rest (the sample) trains the tokenizer
+    docs = [f"note {i}." if i % local_corpus.LOCAL_VAL_EVERY == 0 else d for i, d in enumerate(sample_docs())]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
+@pytest.mark.parametrize("name,write,step_done,message", [
+    ("few.txt", too_small_for_the_tokenizer, "Data: 300 documents", "too small for a 8192-token vocabulary"),
+    ("skewed.jsonl", validation_shorter_than_a_row, "Tokens: ", "less than one row of 2,049"),
+], ids=["tokenizer", "validation"])
+def test_a_force_that_fails_after_the_import_leaves_the_old_cache_as_it_was(tmp_path, prepared_cache, name, write,
+                                                                             step_done, message):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    plant_kernels(cache)
+    before = cache_files(cache)
+    write(tmp_path / name)
+    result = run_prepare("--source", str(tmp_path / name), "--cache-dir", str(cache), "--force")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert step_done in result.stdout, result.stdout  # the new corpus got past the import: the fault came later
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and f"The cache {cache} is left as it was." in errors[0]
+    assert ".new-" not in result.stderr  # commands and paths name the cache, not the staging folder (removed)
+    assert "replaced" not in result.stdout and "Done." not in result.stdout
+    assert cache_files(cache) == before  # every file byte-identical, kernels and the unknown folder included
+    assert beside(cache) == []
+    again = run_prepare("--cache-dir", str(cache))  # the old corpus is still ready to train on
+    assert again.returncode == 0 and "Tokens: up to date" in again.stdout, again.stderr
+
+
+def test_force_swaps_in_the_new_corpus_and_keeps_the_compiled_kernels(tmp_path, prepared_cache):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    planted = plant_kernels(cache)
+    old_source = (cache / "data" / "source.json").read_text()
+    other = tmp_path / "reversed.jsonl"
+    other.write_text("".join(json.dumps({"text": d}) + "\n" for d in sample_docs()[::-1]))
+    result = run_prepare("--source", str(other), "--cache-dir", str(cache), "--force")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    replaced = [i for i, line in enumerate(lines) if line == f"Cache: the new corpus replaced the old one in {cache}"]
+    tokens = [i for i, line in enumerate(lines) if line.startswith("Tokens: ")]
+    assert len(replaced) == 1 and tokens and tokens[-1] < replaced[0] < len(lines) - 1  # after every step, before Done
+    assert ".new-" not in result.stdout.split("Cache: the new corpus", 1)[1]  # from the swap on: the cache's paths
+    assert (cache / "data" / "source.json").read_text() != old_source
+    files = cache_files(cache)
+    assert {rel: files.get(rel) for rel in planted if "kernels" in rel} == {
+        rel: content for rel, content in planted.items() if "kernels" in rel}
+    assert not (cache / "notes").exists()  # went with the old cache
+    assert beside(cache) == []
+    again = run_prepare("--source", str(other), "--cache-dir", str(cache))  # the new corpus, complete
+    assert again.returncode == 0 and "Tokens: up to date" in again.stdout, again.stderr
+
+
+@pytest.mark.parametrize("fault", ["ctrl-c", "full disk"])
+def test_a_force_stopped_while_tokenizing_leaves_the_old_cache_as_it_was(tmp_path, prepared_cache, monkeypatch, capsys,
+                                                                         fault):
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    plant_kernels(cache)
+    before = cache_files(cache)
+    other = tmp_path / "reversed.jsonl"
+    other.write_text("".join(json.dumps({"text": d}) + "\n" for d in sample_docs()[::-1]))
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    seen = []
+
+    def stopped(*args, **kwargs):  # while tokenizing, after the new tokenizer was trained
+        seen.append(data_cache.cache_dir())
+        assert os.path.exists(os.path.join(data_cache.tokenizer_dir(), "tokenizer.json"))
+        if fault == "ctrl-c":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(data_cache.tokens_dir(), "train.bin"))
+    monkeypatch.setattr(prepare, "tokenize_corpus", stopped)
+    argv = ["--source", str(other), "--cache-dir", str(cache), "--force"]
+    if fault == "ctrl-c":
+        with pytest.raises(KeyboardInterrupt):
+            prepare.main(argv)
+    else:
+        assert prepare.main(argv) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "disk is full" in errors[0] and f"The cache {cache} is left as it was." in errors[0]
+    assert seen == [f"{cache}.new-{os.getpid()}"]  # built in the staging folder beside the cache
+    assert cache_files(cache) == before and beside(cache) == []
+    assert data_cache.cache_dir() == str(cache)
+
+
+def test_a_failed_force_download_leaves_the_old_cache_as_it_was(tmp_path, prepared_cache):
+    # --force without --source replaces the local corpus with climbmix: here the download fails
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    before = cache_files(cache)
+    code = ("import sys, prepare; prepare.download_data.__defaults__ = (8, None, 1, 0); "  # one try, no backoff
+            "sys.exit(prepare.main(['--num-shards', '1', '--force']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "AUTORESEARCH_CACHE": str(cache),
+                                 "AUTORESEARCH_DATA_URL": "http://127.0.0.1:9"})  # nothing listens on port 9
+    assert result.returncode == 1 and "failed to download" in result.stderr, result.stderr
+    assert f"--source sample --cache-dir {cache} " in result.stderr and ".new-" not in result.stderr
+    assert cache_files(cache) == before and beside(cache) == []
 
 
 # --- bad input: a clear error, a non-zero exit, nothing half-written ----------------
