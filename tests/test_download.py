@@ -131,7 +131,9 @@ def test_command_line_download_then_tokenizer(server, tmp_path):
 
 def test_command_line_without_network_names_the_sample_option(tmp_path):
     env = {**os.environ, "AUTORESEARCH_DATA_URL": "http://127.0.0.1:9"}  # nothing listens on port 9
-    code = "import sys, prepare; prepare.download_shard.__defaults__ = (1, 0, 5); sys.exit(prepare.main(['--num-shards', '1']))"
+    # one try, no backoff: download_data passes its own retries and backoff on to download_shard
+    code = ("import sys, prepare; prepare.download_data.__defaults__ = (8, None, 1, 0.0); "
+            "sys.exit(prepare.main(['--num-shards', '1']))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             env={**env, "AUTORESEARCH_CACHE": str(tmp_path)})
     assert result.returncode == 1 and f"--source sample --cache-dir {tmp_path} " in result.stderr  # this cache
