@@ -610,7 +610,10 @@ def cross_entropy_nats(logits, targets):
     return mx.logsumexp(logits, axis=-1) - target_logits
 
 
-CAUSAL_TOLERANCE = 2.0**-14  # times the largest logit (at most CAUSAL_LOGIT_SCALE): above it, a logit saw a later token
+# Times the largest logit (at most CAUSAL_LOGIT_SCALE): above it, a logit saw a later token. On CPU a causal model's
+# logits come out bit-identical (docs/evaluation.md); GPU kernels are given the margin measured on an H100 before
+# the check ran on every call, until the tighter one is measured there.
+CAUSAL_TOLERANCE = 2.0**-14 if HARDWARE.backend == "cpu" else 2.0**-11
 CAUSAL_LOGIT_SCALE = 32.0    # the tolerance grows with the logits up to here, not with a logit blown up on purpose
 MAX_LOGIT = 1e4              # logits above this in size are refused: no distribution needs them
 

@@ -82,11 +82,9 @@ def test_real_train_py_through_the_harness(tmp_path, prepared_cache):
         return r, json.loads(open(os.path.join(repo, ".autoresearch", "ledger.jsonl")).readlines()[-1])
 
     imports = "import mlx.core as mx\n"
-    r, last = cheat("token bytes x2", imports, "import prepare\n_tb = prepare.get_token_bytes\n"
-                    "prepare.get_token_bytes = lambda: _tb() * 2\n")
-    assert last["verdict"] == "discard" and last["val_bpb"] > 0.8 * rec["val_bpb"], r.stdout
-    r, last = cheat("a kinder metric, on fewer tokens", imports, "import prepare\nprepare.EVAL_TOKENS = 2048\n"
-                    "prepare.evaluate_bpb = lambda *args, **kwargs: (0.1, 2048)\n")
+    r, last = cheat("token bytes x2, a kinder metric on fewer tokens", imports,
+                    "import prepare\n_tb = prepare.get_token_bytes\nprepare.get_token_bytes = lambda: _tb() * 2\n"
+                    "prepare.EVAL_TOKENS = 2048\nprepare.evaluate_bpb = lambda *args, **kwargs: (0.1, 2048)\n")
     assert last["verdict"] == "discard" and last["val_bpb"] > 0.8 * rec["val_bpb"], r.stdout
     assert last["metrics"]["eval_tokens"] == int(EVAL_TOKENS)  # the harness's evaluation size
     original_causal = 'return sdpa(q, k, v, "causal")\n    if SHORT_WINDOW'
