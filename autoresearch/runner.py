@@ -301,8 +301,8 @@ class Walls:
                "TMPDIR": os.path.join(own, "tmp")}  # MLX's CPU backend keeps its kernels in TMPDIR/mlx
         if evaluation:
             env["MLX_PTX_CACHE_DIR"] = os.path.join(self.kernels[True], "cuda")
-        elif not self.enforced:  # no walls: TMPDIR/mlx cannot be a bind of the kernel cache, so point TMPDIR there
-            env["TMPDIR"] = os.path.join(self.kernels[False], "tmp")
+        if not self.enforced:  # no walls: TMPDIR/mlx cannot be a bind of the kernel cache, so point TMPDIR there
+            env["TMPDIR"] = os.path.join(self.kernels[evaluation], "tmp")
         return env
 
     def kernel_folders(self, evaluation=False):
@@ -331,8 +331,9 @@ class Walls:
                 elif (name.endswith(KERNEL_FILES) and not os.path.islink(path) and os.path.isfile(path)
                       and os.path.getsize(path) <= MAX_KERNEL_BYTES):
                     os.makedirs(os.path.dirname(kept), exist_ok=True)
-                    shutil.copyfile(path, kept + ".tmp")
-                    os.replace(kept + ".tmp", kept)
+                    part = os.path.join(os.path.dirname(kept), ".partial")  # kernel names run to 255 characters
+                    shutil.copyfile(path, part)
+                    os.replace(part, kept)
                     new += path in kernel_files([dirpath], recurse=False)
         if changed:
             return new, (f"train.py changed {len(changed)} compiled kernel(s) that earlier runs kept "

@@ -26,6 +26,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAND_IN = os.path.join(ROOT, "tests", "fixtures", "train.py")
+STAND_IN_SCORING = os.path.join(ROOT, "tests", "fixtures", "scoring.py")
 sys.path.insert(0, ROOT)
 from autoresearch.ledger import read_ledger  # noqa: E402
 BRANCH = "autoresearch/scaling"
@@ -42,13 +43,20 @@ def make_repo(path, real, sleep):
     git(path, "config", "user.email", "bench@localhost")
     git(path, "config", "user.name", "bench")
     if real:
-        for name in ("train.py", "prepare.py", "data_cache.py", "local_corpus.py", "token_shards.py", "fused_ops.py"):
+        for name in ("train.py", "prepare.py", "data_cache.py", "local_corpus.py", "token_shards.py", "fused_ops.py",
+                     "scoring.py"):
             shutil.copy(os.path.join(ROOT, name), os.path.join(path, name))
     else:
         with open(STAND_IN) as f:
             text = re.sub(r"^SLEEP = .*$", f"SLEEP = {sleep!r}", f.read(), count=1, flags=re.M)
         with open(os.path.join(path, "train.py"), "w") as f:
             f.write(text)
+        # scoring.py: the real protocol with the harness tests' stand-in evaluation appended
+        with open(os.path.join(ROOT, "scoring.py")) as f, open(STAND_IN_SCORING) as tail:
+            real = f.read()
+            scoring = real[:real.rindex('if __name__ == "__main__":')] + tail.read()
+        with open(os.path.join(path, "scoring.py"), "w") as f:
+            f.write(scoring)
     with open(os.path.join(path, ".gitignore"), "w") as f:
         f.write("results.tsv\nrun.log\nprogress.png\n.autoresearch/\n__pycache__/\n")
     git(path, "add", ".")

@@ -482,7 +482,7 @@ def test_writes_by_absolute_path_change_nothing(repo, cache, what):
 LINGER = """
 def linger(seconds=6.0):
     # outlive the run, then rewrite the ledger; a heartbeat in the persistent kernel cache shows it is alive
-    beat = os.path.join(os.environ["AUTORESEARCH_CACHE"], "mlx-kernels", "tmp", "heartbeat")
+    beat = os.path.join(os.environ["AUTORESEARCH_CACHE"], "mlx-kernels", "heartbeat.txt")
     end = time.time() + seconds
     while time.time() < end:
         for path, text in ((beat, repr(time.time())), (LEDGER, "")):
@@ -517,13 +517,20 @@ def test_a_process_left_behind_dies_with_the_run(repo, cache, how):
                 "    _honest_main()\n")
     r = run(repo, cache, f"leave a process behind ({how})")
     scored_honestly(not_kept(repo, cache, before, r))
-    beat = os.path.join(cache, "mlx-kernels", "tmp", "heartbeat")
-    assert os.path.exists(beat), "the lingering process never ran"
-    first = _bytes(beat)
-    time.sleep(1.0)
-    assert _bytes(beat) == first, "a process train.py started is still running after the run"
-    time.sleep(0.5)
+    # it wrote a heartbeat into the run's copy of the kernel cache, kept (a new .txt) once the run was over
+    assert os.path.exists(os.path.join(cache, "mlx-kernels", "heartbeat.txt")), "the lingering process never ran"
+    time.sleep(1.5)
+    alive = [pid for pid in filter(str.isdigit, os.listdir("/proc"))
+             if "autoresearch-run-" in _cwd(pid)]  # the run's folder, deleted after it
+    assert not alive, "a process train.py started is still running after the run"
     assert state(repo, cache)["ledger"] == _bytes(ledger_path) and ledger(repo)[-1]["verdict"] == "discard"
+
+
+def _cwd(pid):
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
 
 
 @walled
