@@ -21,8 +21,8 @@ NOTES_CHARS = 2000              # the newest notes
 CRASH_CHARS = 1500              # the end of the last crash's log
 CRASH_RECENT = 10               # show the last crash only if it is among this many latest experiments
 DESCRIPTION_CHARS = 120
-BEST_METRICS = ("training_seconds", "total_seconds", "num_steps", "total_tokens_M", "num_params_M", "depth",
-                "peak_vram_mb", "mfu_percent")  # from the best run's summary block: where the time went
+BEST_METRICS = ("training_seconds", "startup_seconds", "eval_seconds", "total_seconds", "num_steps", "total_tokens_M",
+                "peak_vram_mb")  # the harness's figures of the best run: where the time went
 
 REPLY_FORMAT = """\
 You are an autonomous ML researcher. A harness runs your experiments: you propose ONE change to train.py, it
