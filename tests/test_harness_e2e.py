@@ -60,8 +60,8 @@ def test_real_train_py_through_the_harness(tmp_path, prepared_cache):
 
     # a broken edit: crash, and train.py is back to the kept version
     original = open(os.path.join(repo, "train.py")).read()
-    with open(os.path.join(repo, "train.py"), "a") as f:
-        f.write("\nraise SystemExit('broken on purpose')\n")
+    with open(os.path.join(repo, "train.py"), "w") as f:  # broken before its hand-over: a crash
+        f.write(original.replace("def main():", "raise SystemExit('broken on purpose')\n\n\ndef main():", 1))
     r = ar("run", "-m", "broken", "--budget", BUDGET)
     assert r.returncode == 1 and "verdict:      crash" in r.stdout
     assert git(repo, "rev-parse", "HEAD") == kept and open(os.path.join(repo, "train.py")).read() == original
