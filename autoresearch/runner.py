@@ -231,12 +231,12 @@ def _number(v):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def kernel_files(folders, recurse=True):
+def kernel_files(folders):
     """The compiled kernels kept in `folders`: a start-up that compiles them is allowed their time. Only files of a
     compiler's making count (ELF or PTX of 1 KB and more; MLX's CPU kernels only beside their source)."""
     found = set()
     for folder in folders:
-        for dirpath, _, names in os.walk(folder) if recurse else [(folder, None, os.listdir(folder))]:
+        for dirpath, _, names in os.walk(folder):
             for name in names:
                 path = os.path.join(dirpath, name)
                 if not name.endswith(KERNEL_SUFFIXES) or not _compiled(path):
@@ -308,9 +308,14 @@ class Walls:
     def kernel_folders(self, evaluation=False):
         return [self.kernels[evaluation]] + ([self.ptx] if self.ptx and not evaluation else [])
 
-    def private_kernels(self):
-        """Walled in, a run compiles into its own copy of the training kernel cache; settle_kernels() keeps what it
-        added. It never writes the kernels later runs load, nor plants code in them."""
+    def start_kernels(self):
+        """The compiled kernels a run starts with. Walled in, a run compiles into its own copy of the training kernel
+        cache; settle_kernels() keeps what it added. It never writes the kernels later runs load, nor plants code in
+        them."""
+        os.makedirs(os.path.join(self.kernels[False], "tmp", "mlx"), exist_ok=True)
+        if not self.enforced:
+            self.before = kernel_files(self.kernel_folders())
+            return
         self.run_kernels = os.path.join(self.dir, "kernels")
         shutil.copytree(self.kernels[False], self.run_kernels, symlinks=True)
         self.before = kernel_files([self.run_kernels])
@@ -320,7 +325,7 @@ class Walls:
         file there; a kept kernel changed in place is a crash."""
         if not self.enforced:
             return len(kernel_files(self.kernel_folders()) - self.before), None
-        changed, new = [], 0
+        changed, kept_now = [], set()
         for dirpath, _, names in os.walk(self.run_kernels):
             for name in names:
                 path = os.path.join(dirpath, name)
@@ -334,7 +339,8 @@ class Walls:
                     part = os.path.join(os.path.dirname(kept), ".partial")  # kernel names run to 255 characters
                     shutil.copyfile(path, part)
                     os.replace(part, kept)
-                    new += path in kernel_files([dirpath], recurse=False)
+                    kept_now.add(path)
+        new = len((kernel_files([self.run_kernels]) - self.before) & kept_now)
         if changed:
             return new, (f"train.py changed {len(changed)} compiled kernel(s) that earlier runs kept "
                          f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): the kernel cache is not "
@@ -384,7 +390,7 @@ class Walls:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def judge_clock(channel, budget, exit_seconds, new_kernels, model_bytes, startup_reference=None):
+def judge_clock(channel, budget, new_kernels, model_bytes, startup_reference=None):
     """Why the harness's clock refuses this run, or None. The run's figures come from `channel`."""
     if channel.hand_over is None:
         return None  # judged as a run that handed nothing over
@@ -401,11 +407,11 @@ def judge_clock(channel, budget, exit_seconds, new_kernels, model_bytes, startup
     steps_share = max(GRACE_CAP_SECONDS, GRACE_CAP_FRACTION * budget)  # what steps reported far apart can buy
     # start-up: imports, data, compilation (each new kernel its time) and the untimed steps (each a step's time)
     credit = KERNEL_CREDIT["cuda" if hardware().get("gpu") else "other"]
-    allowance = (max(STARTUP_ALLOWANCE, 2 * (startup_reference or 0)) + credit * new_kernels
-                 + min(MAX_UNTIMED_STEPS * step, steps_share))
+    base = max(STARTUP_ALLOWANCE, 2 * (startup_reference or 0))
+    allowance = base + credit * new_kernels + min(MAX_UNTIMED_STEPS * step, steps_share)
     if channel.clock > allowance:
         return (f"train.py spent {channel.clock:.1f} s before its training clock started, more than the {allowance:.0f} s "
-                f"a run may ({max(STARTUP_ALLOWANCE, 2 * (startup_reference or 0)):.0f} s, {new_kernels} kernels "
+                f"a run may ({base:.0f} s, {new_kernels} kernels "
                 f"compiled, {MAX_UNTIMED_STEPS} steps of {step:.1f} s): work before the clock is outside the budget; "
                 "do only data, compilation and prepare.UNTIMED_STEPS steps there")
     # the loop stops once its clock passes the budget, with a step in flight: about one step more, two at most.
@@ -454,11 +460,7 @@ def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, 
     walls = Walls(root, tree, base_env)
     result = RunResult()
     corpus, fixed = corpus_identity(base_env), fixed_identity(walls.tree)  # what this run trains on and imports
-    os.makedirs(os.path.join(walls.kernels[False], "tmp", "mlx"), exist_ok=True)
-    if walls.enforced:
-        walls.private_kernels()
-    else:
-        walls.before = kernel_files(walls.kernel_folders())
+    walls.start_kernels()
     report_r, report_w = os.pipe()
     reply_r, reply_w = os.pipe()
     env = {**walls.env(base_env), "AUTORESEARCH_REPORT_FD": str(report_w), "AUTORESEARCH_REPLY_FD": str(reply_r)}
@@ -489,7 +491,7 @@ def run_train(root, seed, budget, timeout, stop, label="train.py", stream=None, 
     result.returncode = proc.returncode
     result.tail = log.tail()
     result.summary = figures(channel, evaluation, exit_seconds, hand_over.get("peak_memory_mb"))
-    result.problem = (judge_clock(channel, budget, exit_seconds, new_kernels, model_bytes, startup_reference)
+    result.problem = (judge_clock(channel, budget, new_kernels, model_bytes, startup_reference)
                       or evaluation.get("problem") or kernel_problem or result.problem)
     if channel.hand_over is None and not result.problem and proc.returncode == 0:
         result.problem = "train.py exited without handing over its model (scoring.score_model)"
